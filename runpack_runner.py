@@ -1,0 +1,1500 @@
+#!/usr/bin/env python3
+"""Runpack runner: turns any computer into a worker for the Runpack job service.
+
+The runner registers with a Runpack worker, polls for jobs of the types it can run,
+claims one, runs its handler while sending heartbeats, and reports the result or the
+error. It is one file with no dependencies other than the Python Standard Library
+(3.8 or newer), so it can be copied onto a bare machine and started at once:
+
+    python3 runpack_runner.py run hello_world name=Alice processing_time=3
+    RUNPACK_RUNNER_API_KEY=... python3 runpack_runner.py runner
+
+Other projects add job types without editing this file: see ``job_type`` and
+``--handlers`` below, and the README.
+"""
+
+__version__ = "0.1.0"
+__license__ = "Apache-2.0"
+
+import argparse
+import json
+import logging
+import os
+import random
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+import types
+import urllib.parse
+
+# urllib.request (14 ms) and logging.handlers (7 ms) are imported where they are first
+# needed, so that `run` and `import runpack_runner` stay fast.
+
+
+# ---- Settings ----------------------------------------------------------------
+
+DEFAULT_WORKER_URL = "https://runpack-worker.neurosift.app"
+API_KEY_ENV = "RUNPACK_RUNNER_API_KEY"
+
+EXIT_OK = 0
+EXIT_FAILURE = 1  # `run`: the job failed; `runner`: an unexpected error
+EXIT_USAGE = 2  # bad command line, bad setting, missing key
+EXIT_KEY_REJECTED = 3  # the worker answered 401 to our key
+EXIT_STATE_DIR_BUSY = 4  # another runner holds the state directory
+# A second shutdown signal exits with 128 + the signal number, as shells report it.
+
+
+class ConfigurationError(Exception):
+    """A setting or argument the user gave cannot be used; printed as one line."""
+
+
+class Setting:
+    """One named setting: its command-line flag, its environment variable and default."""
+
+    __slots__ = ("name", "flag", "env", "default", "parse", "kind", "help")
+
+    def __init__(self, name, flag, env, default, parse, kind, help):
+        self.name, self.flag, self.env, self.default = name, flag, env, default
+        self.parse, self.kind, self.help = parse, kind, help
+
+
+def _parse_seconds(text):
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise ValueError(text)
+    return value
+
+
+def _parse_boolean(text):
+    if isinstance(text, bool):
+        return text
+    answer = {"1": True, "true": True, "yes": True, "on": True,
+              "0": False, "false": False, "no": False, "off": False, "": False}
+    return answer[text.strip().lower()]
+
+
+SETTINGS = (
+    Setting("worker_url", "--worker-url", "RUNPACK_WORKER_URL", DEFAULT_WORKER_URL, str,
+            "a URL", "base URL of the Runpack worker"),
+    Setting("state_dir", "--state-dir", "RUNPACK_STATE_DIR", ".", str, "a directory",
+            "where the identity, lock, job records and log live"),
+    Setting("poll_interval", "--poll-interval", "RUNPACK_POLL_INTERVAL", 10.0, _parse_seconds,
+            "a number of seconds", "wait after the first empty poll, and again after every job"),
+    Setting("poll_interval_step", "--poll-interval-step", "RUNPACK_POLL_INTERVAL_STEP", 2.0,
+            _parse_seconds, "a number of seconds", "added to the wait after each empty poll"),
+    Setting("poll_interval_max", "--poll-interval-max", "RUNPACK_POLL_INTERVAL_MAX", 60.0,
+            _parse_seconds, "a number of seconds", "longest wait between empty polls"),
+    Setting("heartbeat_interval", "--heartbeat-interval", "RUNPACK_HEARTBEAT_INTERVAL", 30.0,
+            _parse_seconds, "a number of seconds", "time between heartbeats while a job runs"),
+    Setting("request_timeout", "--request-timeout", "RUNPACK_REQUEST_TIMEOUT", 30.0,
+            _parse_seconds, "a number of seconds", "connect and read timeout of every request"),
+    Setting("retry_max", "--retry-max", "RUNPACK_RETRY_MAX", 60.0, _parse_seconds,
+            "a number of seconds", "longest wait between retries of a failed request"),
+    Setting("job_timeout", "--job-timeout", "RUNPACK_JOB_TIMEOUT", 6 * 3600.0, _parse_seconds,
+            "a number of seconds", "a job running longer fails (0: no limit)"),
+    Setting("handlers", "--handlers", "RUNPACK_HANDLERS", "", str, "a list of modules",
+            "comma-separated modules (module[:attr] or file.py) that register job types"),
+    Setting("log_file", "--log-file", "RUNPACK_LOG_FILE", "runpack_runner.log", str, "a path",
+            "log file, rotated by size; relative to the state directory"),
+    Setting("allow_insecure_http", "--allow-insecure-http", "RUNPACK_ALLOW_INSECURE_HTTP", False,
+            _parse_boolean, "true or false", "allow a plain http:// worker URL that is not loopback"),
+)
+SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
+RUNNER_SETTINGS = tuple(setting.name for setting in SETTINGS)
+RUN_SETTINGS = ("heartbeat_interval", "job_timeout", "handlers")
+RUN_HEARTBEAT_INTERVAL_S = 1.0  # `run` refreshes the terminal, not a worker: it can be quick
+
+
+def add_setting_flags(parser, names, defaults=None):
+    """Add the flags of the named settings; their help shows the variable and default."""
+    for name in names:
+        setting = SETTINGS_BY_NAME[name]
+        default = (defaults or {}).get(name, setting.default)
+        help_text = "%s (env %s, default %r)" % (setting.help, setting.env, default)
+        if setting.parse is _parse_boolean:
+            parser.add_argument(setting.flag, dest=name, action="store_true", default=None,
+                                help=help_text)
+        else:
+            parser.add_argument(setting.flag, dest=name, default=None, metavar="VALUE",
+                                help=help_text)
+
+
+def resolve_settings(args, names, environ, defaults=None):
+    """Settle each named setting: flag, then environment variable, then default."""
+    values = {}
+    for name in names:
+        setting = SETTINGS_BY_NAME[name]
+        raw, source = getattr(args, name, None), setting.flag
+        if raw is None and environ.get(setting.env) is not None:
+            raw, source = environ[setting.env], setting.env
+        if raw is None:
+            values[name] = (defaults or {}).get(name, setting.default)
+            continue
+        try:
+            values[name] = setting.parse(raw)
+        except (ValueError, KeyError):
+            raise ConfigurationError("%s must be %s, got %r" % (source, setting.kind, raw))
+    return types.SimpleNamespace(**values)
+
+
+def _is_loopback(host):
+    if host == "localhost":
+        return True
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_worker_url(url, allow_insecure_http):
+    """Return the worker URL without a trailing slash, or say why it cannot be used."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # raises ValueError on a bad port
+    except ValueError:
+        parts = None
+    if not parts or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigurationError("the worker URL must look like https://host[:port], got %r" % url)
+    if parts.scheme == "http" and not allow_insecure_http and not _is_loopback(parts.hostname):
+        raise ConfigurationError(
+            "refusing to send the runner key over plain http to %s; use https, or pass "
+            "--allow-insecure-http if this network is trusted" % parts.hostname)
+    return url.rstrip("/")
+
+
+# ---- Logging ------------------------------------------------------------------
+
+LOG = logging.getLogger("runpack")
+LOG_FORMAT = "[%(asctime)s] %(levelname)s: %(message)s"
+LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+LOG_FILE_MAX_BYTES = 10 * 1024 * 1024
+LOG_FILE_BACKUPS = 3
+
+
+class SecretFilter(logging.Filter):
+    """Replaces the API key in every log record, tracebacks included: a last line of defence."""
+
+    def __init__(self, secret):
+        super().__init__()
+        self._secret = secret
+
+    def filter(self, record):
+        if self._secret:
+            message = record.getMessage()
+            if record.exc_info:
+                message += "\n" + logging.Formatter().formatException(record.exc_info)
+                record.exc_info, record.exc_text = None, None
+            record.msg, record.args = redact(message, self._secret), None
+        return True
+
+
+def configure_logging(stream, log_path=None, secret=None, level=logging.INFO):
+    """Log to a stream and, for the runner, to a size-rotated file."""
+    formatter = logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT)
+    handlers = [logging.StreamHandler(stream)]
+    if log_path:
+        from logging.handlers import RotatingFileHandler
+
+        handlers.append(RotatingFileHandler(
+            log_path, maxBytes=LOG_FILE_MAX_BYTES, backupCount=LOG_FILE_BACKUPS, encoding="utf-8"))
+    for old in list(LOG.handlers):
+        LOG.removeHandler(old)
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        handler.addFilter(SecretFilter(secret))
+        LOG.addHandler(handler)
+    LOG.setLevel(level)
+    LOG.propagate = False
+
+
+# ---- Text limits and small tools ----------------------------------------------
+
+CONSOLE_LIMIT = 1048576  # the worker's limits, in JavaScript string length
+OUTPUT_JSON_LIMIT = 512000
+ERROR_MESSAGE_LIMIT = 10240
+
+
+def js_length(text):
+    """Length as JavaScript counts it: characters outside the BMP count twice."""
+    if text.isascii():
+        return len(text)
+    return len(text.encode("utf-16-le", "surrogatepass")) // 2
+
+
+def keep_console_tail(console, limit=CONSOLE_LIMIT):
+    """The end of the console that fits the worker's limit, after a line saying what was cut."""
+    if js_length(console) <= limit:
+        return console
+    marker = "[runpack: %d earlier characters of console output were dropped]\n"
+    budget = limit - len(marker % len(console))
+    keep = budget
+    while js_length(console[-keep:]) > budget:
+        keep -= max(1, js_length(console[-keep:]) - budget)
+    return marker % (len(console) - keep) + console[-keep:]
+
+
+def trim_error_message(message, limit=ERROR_MESSAGE_LIMIT):
+    """The start of an error message that fits the worker's limit (the start says the most)."""
+    if js_length(message) <= limit:
+        return message
+    suffix = " [truncated]"
+    keep = limit - len(suffix)
+    while js_length(message[:keep]) > limit - len(suffix):
+        keep -= max(1, js_length(message[:keep]) - (limit - len(suffix)))
+    return message[:keep] + suffix
+
+
+def redact(text, secret):
+    return text.replace(secret, "[redacted]") if secret and secret in text else text
+
+
+def timestamped(line):
+    """A console line as the built-in jobs write them: ``[YYYY-mm-dd HH:MM:SS] line``."""
+    return "[%s] %s" % (time.strftime("%Y-%m-%d %H:%M:%S"), line)
+
+
+class Waker:
+    """Lets a signal handler or another thread cut the main thread's wait short.
+
+    A socket pair rather than threading.Event: writing a byte is safe inside a signal
+    handler, while Event.set() can deadlock if the signal lands inside Event's own lock.
+    """
+
+    def __init__(self):
+        self._reader, self._writer = socket.socketpair()
+        self._reader.setblocking(False)
+        self._writer.setblocking(False)
+
+    def wake(self):
+        try:
+            self._writer.send(b"\0")
+        except OSError:  # the buffer is full: a wake-up is already pending
+            pass
+
+    def wait(self, timeout):
+        """Sleep up to ``timeout`` seconds, less if woken."""
+        select.select([self._reader], [], [], max(0.0, timeout))
+        try:
+            while self._reader.recv(4096):
+                pass
+        except OSError:
+            pass
+
+
+# ---- Talking to the worker ---------------------------------------------------
+
+class WorkerError(Exception):
+    """A request to the worker did not succeed."""
+
+
+class TransientWorkerError(WorkerError):
+    """Worth retrying: network trouble, a timeout, 5xx, 429, an unreadable answer."""
+
+    def __init__(self, message, status=None, retry_after=None):
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after  # seconds to wait, when the worker said so (429)
+
+
+class WorkerRejected(WorkerError):
+    """A definitive no (4xx): repeating the same request will not help."""
+
+    def __init__(self, message, status):
+        super().__init__(message)
+        self.status = status
+
+
+class WorkerKeyRejected(WorkerRejected):
+    """401: the worker does not accept our key."""
+
+
+class RetryBackoff:
+    """Exponential backoff with full jitter, capped: the n-th wait is uniform in [0, min(cap, 2^n)]."""
+
+    def __init__(self, cap, first=1.0):
+        self.cap, self.first, self.failures = cap, first, 0
+
+    def next_delay(self, error=None):
+        self.failures += 1
+        if error is not None and error.retry_after is not None:
+            return error.retry_after + random.uniform(0, 1)
+        return random.uniform(0, min(self.cap, self.first * 2 ** min(self.failures - 1, 30)))
+
+    def reset(self):
+        self.failures = 0
+
+
+NOT_CLAIMED_BY_US = "not claimed by this runner"
+
+
+class WorkerClient:
+    """The only code that knows the worker's URLs, headers and status codes.
+
+    Each verb makes exactly one request; callers decide about retrying. Redirects are
+    never followed, so the key goes to the worker URL and nowhere else.
+    """
+
+    def __init__(self, base_url, api_key, timeout, runner_id=None):
+        import http.client
+        import urllib.error
+        import urllib.request
+
+        self.base_url, self.timeout, self.runner_id = base_url, timeout, runner_id
+        self._api_key = api_key
+        self._request_class = urllib.request.Request
+        self._answer_error = urllib.error.HTTPError
+        self._network_errors = (OSError, ValueError, http.client.HTTPException)
+        self._opener = urllib.request.OpenerDirector()
+        for handler in (urllib.request.ProxyHandler(), urllib.request.HTTPHandler(),
+                        urllib.request.HTTPSHandler(), urllib.request.HTTPDefaultErrorHandler(),
+                        urllib.request.HTTPErrorProcessor()):
+            self._opener.add_handler(handler)
+
+    def __repr__(self):
+        return "WorkerClient(%r, runner_id=%r)" % (self.base_url, self.runner_id)
+
+    # -- the verbs
+
+    def register(self, name, capabilities):
+        body = self._request("POST", "/api/runner/register",
+                             {"name": name, "capabilities": list(capabilities)})
+        return self._field(body, "runner_id", str, "register")
+
+    def verify(self, runner_id):
+        """True when the worker knows this runner id, False when it answers 404."""
+        try:
+            self._request("GET", "/api/runner/verify", runner_id=runner_id)
+            return True
+        except WorkerRejected as rejected:
+            if rejected.status == 404:
+                return False
+            raise
+
+    def available(self, job_types):
+        query = urllib.parse.urlencode([("types[]", job_type) for job_type in job_types])
+        body = self._request("GET", "/api/runner/jobs/available?" + query, runner_id=self.runner_id)
+        jobs = self._field(body, "jobs", list, "available")
+        for job in jobs:
+            if not (isinstance(job, dict) and isinstance(job.get("job_id"), str)
+                    and isinstance(job.get("job_type"), str)
+                    and isinstance(job.get("input_params", {}), dict)):
+                raise TransientWorkerError("malformed job in the available list: %.200r" % (job,))
+        return jobs
+
+    def claim(self, job_id):
+        """The claimed job, or None when it is taken, finished or gone (409)."""
+        try:
+            body = self._request("POST", "/api/runner/jobs/%s/claim" % job_id, runner_id=self.runner_id)
+        except WorkerRejected as rejected:
+            if rejected.status == 409:
+                return None
+            raise
+        job = body.get("job")
+        return job if isinstance(job, dict) else {}
+
+    def heartbeat(self, job_id, progress_current, progress_total, console_output, runner_id=None):
+        """True while the job is still ours; False once the worker says it is not."""
+        return self._job_request(job_id, "heartbeat", {
+            "progress_current": progress_current, "progress_total": progress_total,
+            "console_output": console_output}, runner_id)
+
+    def report(self, job_id, kind, body, runner_id=None, timeout=None):
+        """Send a complete or error report; False when the job is not ours any more."""
+        return self._job_request(job_id, kind, body, runner_id, timeout)
+
+    # -- one request
+
+    def _job_request(self, job_id, action, body, runner_id, timeout=None):
+        try:
+            self._request("POST", "/api/runner/jobs/%s/%s" % (job_id, action), body,
+                          runner_id=runner_id or self.runner_id, timeout=timeout)
+            return True
+        except WorkerRejected as rejected:
+            if rejected.status == 400 and NOT_CLAIMED_BY_US in str(rejected):
+                return False
+            raise
+
+    def _request(self, method, path, body=None, runner_id=None, timeout=None):
+        headers = {"Authorization": "Bearer " + self._api_key, "Accept": "application/json",
+                   "User-Agent": "runpack-runner/" + __version__}
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode("utf-8")
+            headers["Content-Type"] = "application/json"
+        if runner_id:
+            headers["X-Runner-ID"] = runner_id
+        request = self._request_class(self.base_url + path, data=data, headers=headers, method=method)
+        where = "%s %s" % (method, path.split("?")[0])
+        try:
+            try:
+                with self._opener.open(request, timeout=timeout or self.timeout) as response:
+                    status, raw, location = response.status, response.read(), None
+            except self._answer_error as answer:
+                status, location = answer.code, answer.headers.get("Location")
+                with answer:
+                    raw = answer.read()
+        except self._network_errors as error:
+            raise TransientWorkerError("%s: cannot reach the worker (%s)" % (where, _reason(error)))
+        return self._interpret(where, status, raw, location)
+
+    def _interpret(self, where, status, raw, location):
+        try:
+            body = json.loads(raw.decode("utf-8"))
+        except ValueError:
+            body = None
+        message = _answer_message(body)
+        if 300 <= status < 400:
+            raise TransientWorkerError(
+                "%s: the worker answered %d with a redirect to %s; redirects are not followed, so "
+                "that the key only goes to %s" % (where, status, _origin(location), self.base_url),
+                status)
+        if status == 429:
+            reset_ms = body.get("resetTime") if isinstance(body, dict) else None
+            wait = max(0.0, reset_ms / 1000.0 - time.time()) if isinstance(reset_ms, (int, float)) else None
+            raise TransientWorkerError("%s: rate limited by the worker" % where, status, wait)
+        if status >= 500 or status == 408:
+            raise TransientWorkerError("%s: worker error %d %s" % (where, status, message), status)
+        if status == 401:
+            raise WorkerKeyRejected("%s: the worker rejected the runner key (%s)" % (where, message), status)
+        if status >= 400:
+            raise WorkerRejected("%s: %d %s" % (where, status, message), status)
+        if not isinstance(body, dict):
+            raise TransientWorkerError("%s: the worker's answer is not a JSON object: %.80r" % (where, raw),
+                                       status)
+        return body
+
+    @staticmethod
+    def _field(body, name, kind, where):
+        value = body.get(name)
+        if not isinstance(value, kind):
+            raise TransientWorkerError("%s: the worker's answer has no valid %r: %.200r" % (where, name, body))
+        return value
+
+
+def _reason(error):
+    reason = getattr(error, "reason", None) or error
+    return "%s: %s" % (type(reason).__name__, reason) if str(reason) else type(reason).__name__
+
+
+def _answer_message(body):
+    if isinstance(body, dict):
+        return str(body.get("error") or body.get("message") or body)
+    return "(no JSON answer)"
+
+
+def _origin(url):
+    parts = urllib.parse.urlsplit(url or "")
+    return "%s://%s" % (parts.scheme, parts.netloc) if parts.netloc else repr(url)
+
+
+# ---- The state directory: identity, lock, job records -------------------------
+
+class StateDirectoryBusy(Exception):
+    """Another runner process holds this state directory."""
+
+
+def write_json_atomically(path, value):
+    """Write to a temporary file, flush it to disk, then rename over ``path``."""
+    temporary = "%s.%d.tmp" % (path, os.getpid())
+    with open(temporary, "w", encoding="utf-8") as stream:
+        json.dump(value, stream)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(temporary, path)
+
+
+def _read_json(path):
+    with open(path, encoding="utf-8") as stream:
+        return json.load(stream)
+
+
+class StateDirectory:
+    """Where a runner keeps what must outlive its process.
+
+    ``.runpack_runner.json`` holds the identity; ``.runpack_runner.lock`` is held while a
+    runner uses the directory; ``.runpack_jobs/<job_id>.json`` is the runner's custody
+    record of a job, written before the claim and removed once the worker has accepted
+    the report. A record with a report is a spooled report; one without is a job whose
+    run was interrupted.
+    """
+
+    IDENTITY_FILE = ".runpack_runner.json"
+    LOCK_FILE = ".runpack_runner.lock"
+    JOBS_DIR = ".runpack_jobs"
+
+    def __init__(self, path):
+        self.path = os.path.abspath(path)
+        self.identity_path = os.path.join(self.path, self.IDENTITY_FILE)
+        self.jobs_path = os.path.join(self.path, self.JOBS_DIR)
+        self._lock_file = None
+
+    def prepare(self):
+        try:
+            os.makedirs(self.jobs_path, exist_ok=True)
+        except OSError as error:
+            raise ConfigurationError("cannot use state directory %s: %s" % (self.path, error.strerror))
+
+    def lock(self):
+        """Hold the directory's lock until the process ends (the OS frees it even on kill -9)."""
+        lock_path = os.path.join(self.path, self.LOCK_FILE)
+        stream = open(lock_path, "a+")
+        try:
+            _lock_exclusively(stream)
+        except OSError:
+            stream.seek(0)
+            holder = stream.read().strip() or "unknown"
+            stream.close()
+            raise StateDirectoryBusy(
+                "another runner (pid %s) is using the state directory %s; give this one its own "
+                "--state-dir" % (holder, self.path))
+        stream.seek(0)
+        stream.truncate()
+        stream.write(str(os.getpid()))
+        stream.flush()
+        self._lock_file = stream
+
+    def load_identity(self):
+        """The saved {runner_id, runner_name}, or None when absent or unreadable."""
+        try:
+            identity = _read_json(self.identity_path)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as error:
+            LOG.warning("Cannot read %s (%s); registering as a new runner", self.identity_path, error)
+            return None
+        if not (isinstance(identity, dict) and isinstance(identity.get("runner_id"), str)
+                and isinstance(identity.get("runner_name"), str)):
+            LOG.warning("%s does not hold a runner identity; registering as a new runner",
+                        self.identity_path)
+            return None
+        return identity
+
+    def save_identity(self, runner_id, runner_name):
+        write_json_atomically(self.identity_path, {"runner_id": runner_id, "runner_name": runner_name})
+
+    def save_job(self, record):
+        write_json_atomically(self._job_path(record["job_id"]), record)
+
+    def forget_job(self, job_id):
+        try:
+            os.remove(self._job_path(job_id))
+        except FileNotFoundError:
+            pass
+
+    def job_records(self):
+        """Every custody record, oldest first; unreadable ones are set aside with a warning."""
+        records = []
+        try:
+            names = sorted(os.listdir(self.jobs_path))
+        except FileNotFoundError:
+            return records
+        for name in names:
+            if not name.endswith(".json"):
+                continue
+            path = os.path.join(self.jobs_path, name)
+            try:
+                records.append(_read_json(path))
+            except (OSError, ValueError) as error:
+                LOG.warning("Job record %s is unreadable (%s); moved aside as %s.bad", path, error, name)
+                os.replace(path, path + ".bad")
+        return sorted(records, key=lambda record: record.get("recorded_at", 0))
+
+    def _job_path(self, job_id):
+        return os.path.join(self.jobs_path, "%s.json" % job_id.replace(os.sep, "_"))
+
+
+def _lock_exclusively(stream):
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        msvcrt.locking(stream.fileno(), msvcrt.LK_NBLCK, 1)
+        return
+    fcntl.flock(stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def new_runner_name():
+    return "runner-%s-%s" % (socket.gethostname(), os.urandom(4).hex())
+
+
+# ---- Job handlers: the JobHandler interface and the registry ------------------
+
+class JobCancelled(Exception):
+    """Raised by heartbeat_callback once the runner has given the job up (claim lost,
+    time limit, shutdown): the handler should stop, its result would be discarded."""
+
+
+class JobHandler:
+    """A job type. Subclasses implement ``execute``.
+
+    ``execute(input_params, heartbeat_callback) -> dict`` returns the job's output; a
+    ``console_output`` key in it becomes the final console. Raise ValueError for invalid
+    parameters. ``heartbeat_callback(progress_current=..., progress_total=...,
+    console_output=...)`` records progress and the whole console so far; it raises
+    JobCancelled once the job was given up, and ``heartbeat_callback.cancelled`` says so
+    without raising.
+
+    A job type that needs optional packages or environment variables lists them, so
+    that a runner without them never claims such a job (the worker keeps a failure
+    forever).
+    """
+
+    requires_modules = ()
+    requires_env = ()
+    install_hint = ""
+
+    def execute(self, input_params, heartbeat_callback):
+        raise NotImplementedError
+
+    def unavailable_reason(self):
+        """None when this runner can run the job type, else why not and how to fix it."""
+        import importlib.util
+
+        missing = [name for name in self.requires_modules if importlib.util.find_spec(name) is None]
+        unset = [name for name in self.requires_env if not os.environ.get(name)]
+        reasons = []
+        if missing:
+            reasons.append("missing Python packages %s (%s)" % (", ".join(missing), self.install_hint))
+        if unset:
+            reasons.append("environment variable %s not set" % ", ".join(unset))
+        return "; ".join(reasons) or None
+
+
+class FunctionJobHandler(JobHandler):
+    """Adapts a plain ``def job(input_params, heartbeat_callback) -> dict`` to JobHandler."""
+
+    def __init__(self, function):
+        self.function = function
+
+    def execute(self, input_params, heartbeat_callback):
+        return self.function(input_params, heartbeat_callback)
+
+
+JOB_HANDLERS = {}  # job type -> JobHandler instance: the built-in types and all registered ones
+
+
+def as_job_handler(obj):
+    if isinstance(obj, type):
+        obj = obj()
+    if callable(getattr(obj, "execute", None)):
+        return obj
+    if callable(obj):
+        return FunctionJobHandler(obj)
+    raise TypeError("%r is neither a JobHandler nor a function" % (obj,))
+
+
+def register_job_type(name, handler):
+    """Add a job type: a JobHandler class or instance, or a function(input_params, heartbeat_callback)."""
+    JOB_HANDLERS[name] = as_job_handler(handler)
+    return handler
+
+
+def job_type(name):
+    """Decorator form of register_job_type: ``@job_type("my_job")`` above a class or function."""
+    return lambda handler: register_job_type(name, handler)
+
+
+def load_handler_modules(specs):
+    """Import the comma-separated modules that register job types.
+
+    Each is ``module``, ``module:attr`` (attr is a dict of job type -> handler) or a
+    path to a ``.py`` file. The working directory is importable, as with ``python -m``.
+    """
+    import importlib
+    import importlib.util
+
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for spec in filter(None, (part.strip() for part in specs.split(","))):
+        module_name, _, attribute = spec.partition(":")
+        try:
+            if module_name.endswith(".py"):
+                name = os.path.splitext(os.path.basename(module_name))[0]
+                file_spec = importlib.util.spec_from_file_location(name, module_name)
+                if file_spec is None or not os.path.isfile(module_name):
+                    raise ImportError("no such file")
+                module = importlib.util.module_from_spec(file_spec)
+                sys.modules[name] = module
+                file_spec.loader.exec_module(module)
+            else:
+                module = importlib.import_module(module_name)
+            if attribute:
+                handlers = getattr(module, attribute)
+                if not isinstance(handlers, dict):
+                    raise TypeError("%s is not a dict of job type -> handler" % attribute)
+                for name, handler in handlers.items():
+                    register_job_type(name, handler)
+        except Exception as error:
+            raise ConfigurationError("cannot load job handlers from %r: %s: %s"
+                                     % (spec, type(error).__name__, error))
+
+
+# ---- Built-in job types --------------------------------------------------------
+
+@job_type("hello_world")
+class HelloWorldJob(JobHandler):
+    """Greets ``name`` after ``processing_time`` seconds (0-300), reporting progress meanwhile."""
+
+    MAX_PROCESSING_TIME = 300
+
+    def execute(self, input_params, heartbeat_callback):
+        name = input_params.get("name")
+        if "name" not in input_params:
+            raise ValueError("name is required")
+        if not isinstance(name, str) or not name:
+            raise ValueError("name must be a non-empty string")
+        processing_time = input_params.get("processing_time")
+        if "processing_time" not in input_params:
+            raise ValueError("processing_time is required")
+        if (isinstance(processing_time, bool) or not isinstance(processing_time, (int, float))
+                or not 0 <= processing_time <= self.MAX_PROCESSING_TIME):
+            raise ValueError("processing_time must be a number between 0 and %d"
+                             % self.MAX_PROCESSING_TIME)
+        console = [timestamped("Starting hello_world job for %s" % name),
+                   timestamped("Processing time: %s seconds" % processing_time)]
+        heartbeat_callback(progress_current=0, progress_total=100, console_output="\n".join(console))
+        step = getattr(heartbeat_callback, "heartbeat_interval", 30.0) or 30.0
+        started = time.monotonic()
+        while True:
+            remaining = processing_time - (time.monotonic() - started)
+            if remaining <= 0:
+                break
+            time.sleep(min(step, remaining))
+            elapsed = time.monotonic() - started
+            if elapsed < processing_time:
+                percent = int(elapsed * 100 / processing_time)
+                console.append(timestamped("Progress: %d%%" % percent))
+                heartbeat_callback(progress_current=percent, progress_total=100,
+                                   console_output="\n".join(console))
+        console.append(timestamped("Completed!"))
+        heartbeat_callback(progress_current=100, progress_total=100, console_output="\n".join(console))
+        return {"message": "Hello, %s!" % name, "processing_time": processing_time,
+                "console_output": "\n".join(console)}
+
+
+# ---- Running one job: progress, heartbeats, the result --------------------------
+
+SHUTDOWN_MESSAGE = "runner was shut down while the job was running"
+CLAIM_LOST_MESSAGE = "the worker says the job is no longer claimed by this runner"
+HEARTBEAT_MIN_GAP_S = 0.5  # the worker allows 120 heartbeats a minute per runner
+_UNCHANGED = object()
+
+
+def _progress_number(value):
+    return None if value is None else int(value)
+
+
+class JobProgress:
+    """The heartbeat_callback a handler gets: it keeps the latest progress and console,
+    which the heartbeats carry, and raises JobCancelled once the runner gave the job up."""
+
+    def __init__(self, heartbeat_interval):
+        self.heartbeat_interval = heartbeat_interval
+        self.progress_current = self.progress_total = None
+        self.console_output = ""
+        self.version = 0
+        self.cancel_reason = None
+        self.finished = False
+        self._condition = threading.Condition()
+
+    def __call__(self, progress_current=_UNCHANGED, progress_total=_UNCHANGED,
+                 console_output=_UNCHANGED):
+        if self.cancel_reason:
+            raise JobCancelled(self.cancel_reason)
+        with self._condition:
+            if progress_current is not _UNCHANGED:
+                self.progress_current = _progress_number(progress_current)
+            if progress_total is not _UNCHANGED:
+                self.progress_total = _progress_number(progress_total)
+            if console_output is not _UNCHANGED:
+                self.console_output = "" if console_output is None else str(console_output)
+            self.version += 1
+            self._condition.notify_all()
+
+    @property
+    def cancelled(self):
+        return self.cancel_reason is not None
+
+    def cancel(self, reason):
+        with self._condition:
+            self.cancel_reason = self.cancel_reason or reason
+            self._condition.notify_all()
+
+    def finish(self):
+        with self._condition:
+            self.finished = True
+            self._condition.notify_all()
+
+    def snapshot(self):
+        with self._condition:
+            return self.version, self.progress_current, self.progress_total, self.console_output
+
+    def wait_for_change(self, seen_version, timeout):
+        with self._condition:
+            self._condition.wait_for(lambda: self.version != seen_version or self.finished, timeout)
+
+
+class HeartbeatPump(threading.Thread):
+    """Sends a job's heartbeats from a background thread, so that a handler that never
+    calls heartbeat_callback still keeps its claim: one at once, one every interval,
+    and one soon after each progress update, never two within ``min_gap`` seconds.
+
+    ``send(progress_current, progress_total, console_output)`` returns False once the
+    job is no longer ours: the pump then cancels the job and calls ``wake``.
+    """
+
+    def __init__(self, progress, send, interval, min_gap, wake):
+        super().__init__(name="heartbeats", daemon=True)
+        self._progress, self._send, self._wake = progress, send, wake
+        self._min_gap = min_gap
+        self._interval = max(interval, min_gap)
+
+    def run(self):
+        sent_version, sent_at = None, None
+        while not self._progress.finished:
+            version, current, total, console = self._progress.snapshot()
+            now = time.monotonic()
+            if sent_at is None:
+                due = now
+            elif version != sent_version:
+                due = sent_at + self._min_gap
+            else:
+                due = sent_at + self._interval
+            if now < due:
+                self._progress.wait_for_change(version, due - now)
+                continue
+            sent_version, sent_at = version, now
+            if not self._send(current, total, console):
+                self._progress.cancel(CLAIM_LOST_MESSAGE)
+                self._wake()
+                return
+
+
+def error_report(message, console):
+    return {"kind": "error", "body": {"error_message": trim_error_message(message),
+                                      "console_output": keep_console_tail(console)}}
+
+
+def complete_report(result, console):
+    """The complete report for a handler's result, or an error report saying why the
+    worker could not take it (the worker would refuse it with a 400 forever)."""
+    if not isinstance(result, dict):
+        return error_report("Job execution failed: the handler returned %s, not a dict"
+                            % type(result).__name__, console)
+    output = dict(result)
+    if "console_output" in output:
+        console = str(output.pop("console_output") or "")
+    try:
+        encoded = json.dumps(output, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        return error_report("Job execution failed: the output is not JSON-serialisable (%s)"
+                            % error, console)
+    size = js_length(encoded)
+    if size > OUTPUT_JSON_LIMIT:
+        return error_report("Job execution failed: the output is %d characters of JSON, over the "
+                            "worker's limit of %d" % (size, OUTPUT_JSON_LIMIT), console)
+    return {"kind": "complete", "body": {"output_data": output,
+                                         "console_output": keep_console_tail(console)}}
+
+
+def redact_value(value, secret):
+    """``value`` with every occurrence of ``secret`` in its JSON form replaced."""
+    text = json.dumps(value)
+    return json.loads(redact(text, secret)) if secret and secret in text else value
+
+
+class JobExecution:
+    """Runs one handler in its own thread while the calling thread watches for its end,
+    a lost claim, the time limit and a second shutdown signal.
+
+    ``run`` returns the report to send, or None when the job is no longer ours.
+    """
+
+    def __init__(self, handler, input_params, progress, waker):
+        self._handler, self._input_params = handler, input_params
+        self._progress, self._waker = progress, waker
+        self._report = None
+        self._done = False
+
+    def run(self, timeout, shutdown=None):
+        threading.Thread(target=self._call_handler, name="job", daemon=True).start()
+        deadline = time.monotonic() + timeout if timeout else None
+        while not self._done:
+            if self._progress.cancelled:
+                return None
+            if shutdown is not None:
+                shutdown.announce(job_running=True)
+                if shutdown.immediate:
+                    return self._give_up(SHUTDOWN_MESSAGE)
+            remaining = deadline - time.monotonic() if deadline else 3600.0
+            if remaining <= 0:
+                return self._give_up("Job execution failed: timed out after %g s" % timeout)
+            self._waker.wait(remaining)
+        return self._report
+
+    def _give_up(self, message):
+        self._progress.cancel(message)
+        return error_report(message, self._progress.console_output)
+
+    def _call_handler(self):
+        try:
+            result = self._handler.execute(self._input_params, self._progress)
+            self._report = complete_report(result, self._progress.console_output)
+        except JobCancelled:
+            pass
+        except ValueError as error:
+            self._report = error_report("Invalid parameters: %s" % error, self._progress.console_output)
+        except Exception as error:
+            details = traceback.format_exc()
+            LOG.error("Job handler %s raised an exception:\n%s", type(self._handler).__name__, details)
+            console = self._progress.console_output
+            self._report = error_report("Job execution failed: %s" % (str(error) or type(error).__name__),
+                                        console + ("\n" if console else "") + details)
+        finally:
+            self._done = True
+            self._waker.wake()
+
+
+# ---- The runner loop: register, poll with backoff, claim, shutdown ---------------
+
+MAX_RUN_ATTEMPTS = 2  # a job whose run the runner process did not survive is run once more, then failed
+HARD_STOP_REPORT_TIMEOUT_S = 5.0  # after a second signal, the last report may not hold up the exit
+MISSING_KEY_MESSAGE = """Error: RUNPACK_RUNNER_API_KEY environment variable is not set
+Set it to the runner key of your Runpack worker, then start the runner again:
+    export RUNPACK_RUNNER_API_KEY=<your runner key>
+    python3 runpack_runner.py runner"""
+
+
+class RunnerStopped(Exception):
+    """Shutdown was requested while the runner was waiting for the worker."""
+
+
+class ShutdownRequests:
+    """Counts SIGINT/SIGTERM: the first stops taking new jobs, the second stops the running one.
+
+    Being a signal handler, it only counts and wakes the main thread, which does the logging.
+    """
+
+    def __init__(self, waker):
+        self.count, self.signum, self._announced = 0, None, 0
+        self._waker = waker
+
+    def __call__(self, signum, frame=None):
+        self.count += 1
+        self.signum = signum
+        self._waker.wake()
+
+    graceful = property(lambda self: self.count >= 1)
+    immediate = property(lambda self: self.count >= 2)
+
+    def install(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, self)
+
+    def announce(self, job_running):
+        if self.count <= self._announced:
+            return
+        self._announced = self.count
+        name = signal.Signals(self.signum).name if self.signum else "a stop request"
+        if self.count >= 2:
+            LOG.warning("Received %s again: stopping the running job now", name)
+        elif job_running:
+            LOG.info("Received %s: finishing the running job, then stopping (send it again to stop "
+                     "the job now)", name)
+        else:
+            LOG.info("Received %s: stopping", name)
+
+
+class WorkerHeartbeats:
+    """The HeartbeatPump's ``send`` for a claimed job: one heartbeat, one log line per spell of trouble."""
+
+    def __init__(self, client, record, secret):
+        self._client, self._record, self._secret = client, record, secret
+        self._failing = False
+
+    def __call__(self, progress_current, progress_total, console_output):
+        job_id = self._record["job_id"]
+        console = keep_console_tail(redact(console_output, self._secret))
+        try:
+            ours = self._client.heartbeat(job_id, progress_current, progress_total, console,
+                                          runner_id=self._record["runner_id"])
+        except WorkerError as error:
+            if not self._failing:
+                LOG.warning("Heartbeat for job %s failed: %s; still trying", job_id, error)
+            self._failing = True
+            return True
+        if self._failing:
+            LOG.info("Heartbeats for job %s are getting through again", job_id)
+        self._failing = False
+        return ours
+
+
+class Runner:
+    """Registers, polls with backoff, claims down the list, runs each job and reports it.
+
+    Every claimed job has a custody record in the state directory from before the claim
+    until the worker accepted its report, so no crash, restart or network outage can
+    leave a job claimed with nobody to finish it.
+    """
+
+    def __init__(self, settings, client, state, handlers, secret=None):
+        self.settings, self.client, self.state = settings, client, state
+        self.handlers = handlers
+        self.waker = Waker()
+        self.shutdown = ShutdownRequests(self.waker)
+        self.job_types = []
+        self._secret = secret
+
+    def run(self):
+        """Serve until shut down; returns the process exit code."""
+        self.shutdown.install()
+        self.job_types = self._job_types_to_serve()
+        if not self.job_types:
+            LOG.error("This runner can run none of its job types; stopping")
+            return EXIT_USAGE
+        try:
+            self._establish_identity()
+            self._serve()
+        except RunnerStopped:
+            pass
+        except WorkerKeyRejected as error:
+            LOG.error("%s; stopping. Check RUNPACK_RUNNER_API_KEY and start the runner again", error)
+            return EXIT_KEY_REJECTED
+        self.shutdown.announce(job_running=False)
+        left = len(self.state.job_records())
+        if left:
+            LOG.warning("%d job record(s) wait in %s; they are settled when the runner starts again",
+                        left, self.state.jobs_path)
+        LOG.info("Runner stopped")
+        return 128 + self.shutdown.signum if self.shutdown.immediate else EXIT_OK
+
+    def _job_types_to_serve(self):
+        serve = []
+        for name, handler in sorted(self.handlers.items()):
+            reason = handler.unavailable_reason()
+            if reason:
+                LOG.warning("Not serving job type %s: %s", name, reason)
+            else:
+                serve.append(name)
+        LOG.info("Serving job types: %s", ", ".join(serve) or "none")
+        return serve
+
+    # -- identity
+
+    def _establish_identity(self):
+        identity = self.state.load_identity()
+        if identity is None:
+            self._register(new_runner_name())
+            return
+        runner_id, name = identity["runner_id"], identity["runner_name"]
+        self.client.runner_id = runner_id
+        if self._until_answered("verify the runner", lambda: self.client.verify(runner_id)):
+            LOG.info("Verified runner %s (id %s)", name, runner_id)
+        else:
+            LOG.warning("The worker no longer knows runner %s (id %s); registering again under "
+                        "the same name", name, runner_id)
+            self._register(name)
+
+    def _register(self, name):
+        runner_id = self._until_answered("register with the worker",
+                                         lambda: self.client.register(name, self.job_types))
+        self.client.runner_id = runner_id
+        self.state.save_identity(runner_id, name)
+        LOG.info("Registered as %s (id %s)", name, runner_id)
+
+    def _until_answered(self, what, call):
+        backoff = RetryBackoff(self.settings.retry_max)
+        while True:
+            try:
+                answer = call()
+            except TransientWorkerError as error:
+                delay = backoff.next_delay(error)
+                LOG.warning("Cannot %s yet: %s; trying again in %.1fs", what, error, delay)
+                self._sleep(delay)
+                if self.shutdown.graceful:
+                    raise RunnerStopped()
+                continue
+            if backoff.failures:
+                LOG.info("The worker answers again")
+            return answer
+
+    # -- the loop
+
+    def _serve(self):
+        interval = self.settings.poll_interval
+        announced_interval = None
+        failures = RetryBackoff(self.settings.retry_max)
+        while not self.shutdown.graceful:
+            try:
+                self._settle_job_records()
+                if self.shutdown.graceful:
+                    break
+                jobs = self.client.available(self.job_types)
+                if failures.failures:
+                    LOG.info("The worker answers again")
+                failures.reset()
+                executed = self._work_through(jobs)
+            except WorkerKeyRejected:
+                raise
+            except WorkerError as error:
+                delay = failures.next_delay(error if isinstance(error, TransientWorkerError) else None)
+                LOG.warning("%s; trying again in %.1fs", error, delay)
+                self._sleep(delay)
+                continue
+            if executed:
+                interval = self.settings.poll_interval
+                continue
+            if interval != announced_interval:
+                LOG.info("No jobs available; next poll in %gs", interval)
+                announced_interval = interval
+            self._sleep(interval)
+            interval = min(interval + self.settings.poll_interval_step, self.settings.poll_interval_max)
+
+    def _sleep(self, seconds):
+        deadline = time.monotonic() + seconds
+        while not self.shutdown.graceful:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self.waker.wait(remaining)
+        self.shutdown.announce(job_running=False)
+
+    def _work_through(self, jobs):
+        """Claim down the polled list, running each job won; True if any job ran."""
+        executed = False
+        for listed in jobs:
+            if self.shutdown.graceful:
+                break
+            if listed["job_type"] not in self.job_types:
+                continue
+            record = {"job_id": listed["job_id"], "job_type": listed["job_type"],
+                      "input_params": listed.get("input_params", {}),
+                      "runner_id": self.client.runner_id, "recorded_at": time.time(),
+                      "attempts": 0, "report": None}
+            self.state.save_job(record)
+            try:
+                job = self.client.claim(record["job_id"])
+            except TransientWorkerError as error:
+                if error.status == 500:  # the worker answers 500 to a claim from an unknown runner
+                    self._reregister_if_forgotten()
+                raise  # the record is settled before the next poll: was the claim ours?
+            if job is None:
+                self.state.forget_job(record["job_id"])
+                continue
+            if isinstance(job.get("input_params"), dict):
+                record["input_params"] = job["input_params"]
+            executed = True
+            self._run(record)
+        return executed
+
+    def _reregister_if_forgotten(self):
+        identity = self.state.load_identity() or {}
+        if not self.client.verify(self.client.runner_id):
+            LOG.warning("The worker no longer knows this runner; registering again")
+            self._register(identity.get("runner_name") or new_runner_name())
+
+    # -- one job
+
+    def _run(self, record):
+        job_id = record["job_id"]
+        record["attempts"] = record.get("attempts", 0) + 1
+        record["started_at"] = time.time()
+        self.state.save_job(record)
+        LOG.info("Claimed job %s (%s)%s", job_id, record["job_type"],
+                 "" if record["attempts"] == 1 else ", attempt %d" % record["attempts"])
+        progress = JobProgress(self.settings.heartbeat_interval)
+        heartbeats = HeartbeatPump(progress, WorkerHeartbeats(self.client, record, self._secret),
+                                   self.settings.heartbeat_interval, HEARTBEAT_MIN_GAP_S, self.waker.wake)
+        heartbeats.start()
+        handler = self.handlers[record["job_type"]]
+        report = JobExecution(handler, record["input_params"], progress, self.waker).run(
+            self.settings.job_timeout, self.shutdown)
+        progress.finish()
+        if report is None:
+            LOG.warning("Job %s: %s; stopped it and discarded its result", job_id, CLAIM_LOST_MESSAGE)
+            self.state.forget_job(job_id)
+            return
+        if not self.shutdown.immediate:
+            heartbeats.join(self.settings.request_timeout)  # no heartbeat may follow the report
+        record["report"] = redact_value(report, self._secret)
+        self.state.save_job(record)
+        self._deliver(record)
+
+    def _settle_job_records(self):
+        """Finish the custody of jobs left by an earlier process or an unanswered claim:
+        spooled reports are delivered first, then interrupted jobs are resumed."""
+        records = self.state.job_records()
+        for record in sorted(records, key=lambda record: record.get("report") is None):
+            if self.shutdown.graceful:
+                return
+            if record.get("report"):
+                LOG.info("Delivering the spooled report of job %s", record["job_id"])
+                self._deliver(record)
+            else:
+                self._resume(record)
+
+    def _resume(self, record):
+        """A record without report: the process ended during the job, or a claim went unanswered.
+        A heartbeat tells whether the job is still ours; if so it is run again, once."""
+        job_id, attempts = record["job_id"], record.get("attempts", 0)
+        if not self.client.heartbeat(job_id, None, None, "", runner_id=record["runner_id"]):
+            LOG.info("Job %s is not claimed by this runner; dropping its record", job_id)
+            self.state.forget_job(job_id)
+            return
+        handler = self.handlers.get(record["job_type"])
+        reason = "this runner no longer serves job type %s" % record["job_type"]
+        if handler is not None and record["job_type"] in self.job_types:
+            if attempts < MAX_RUN_ATTEMPTS:
+                if attempts:
+                    LOG.warning("The runner stopped while running job %s; running it again", job_id)
+                self._run(record)
+                return
+            reason = "the runner process ended while running this job, %d times" % attempts
+        LOG.error("Job %s cannot be run again: %s", job_id, reason)
+        record["report"] = error_report("Job execution failed: %s" % reason, "")
+        self.state.save_job(record)
+        self._deliver(record)
+
+    def _deliver(self, record):
+        """Send the record's report until the worker accepts or refuses it; if shutdown
+        comes first, the record stays on disk and the next start delivers it."""
+        job_id = record["job_id"]
+        backoff = RetryBackoff(self.settings.retry_max)
+        while True:
+            report = record["report"]
+            timeout = HARD_STOP_REPORT_TIMEOUT_S if self.shutdown.immediate else None
+            try:
+                accepted = self.client.report(job_id, report["kind"], report["body"],
+                                              runner_id=record["runner_id"], timeout=timeout)
+                break
+            except WorkerKeyRejected:
+                raise
+            except TransientWorkerError as error:
+                if self.shutdown.graceful:
+                    LOG.warning("Could not report job %s (%s); the report stays in %s", job_id, error,
+                                self.state.jobs_path)
+                    return
+                delay = backoff.next_delay(error)
+                LOG.warning("Reporting job %s failed: %s; trying again in %.1fs", job_id, error, delay)
+                self._sleep(delay)
+            except WorkerRejected as error:
+                if report["kind"] != "complete":
+                    LOG.error("The worker refused the error report of job %s: %s", job_id, error)
+                    accepted = None
+                    break
+                LOG.warning("The worker refused the result of job %s (%s); reporting it failed", job_id, error)
+                record["report"] = error_report("Job execution failed: the worker refused the result: %s"
+                                                % error, report["body"]["console_output"])
+                self.state.save_job(record)
+        self.state.forget_job(job_id)
+        if accepted is False:
+            LOG.warning("Job %s was no longer claimed by this runner when its report arrived; "
+                        "report discarded", job_id)
+        elif accepted and report["kind"] == "complete":
+            LOG.info("Job %s completed in %.1fs", job_id, time.time() - record.get("started_at", time.time()))
+        elif accepted:
+            LOG.info("Job %s failed: %s", job_id, report["body"]["error_message"].splitlines()[0])
+
+
+# ---- Running a job locally (`run`) ----------------------------------------------
+
+class TerminalProgress:
+    """Shows a local job's console lines as they come and, on a terminal, a progress
+    line redrawn in place. Used as the HeartbeatPump's ``send``."""
+
+    BAR_WIDTH = 30
+
+    def __init__(self, stream, job_type):
+        self._stream, self._job_type = stream, job_type
+        self._is_terminal = stream.isatty()
+        self._lines_shown = 0
+        self._started = time.monotonic()
+        self._lock = threading.Lock()
+
+    def __call__(self, progress_current, progress_total, console_output):
+        with self._lock:
+            self._show_new_lines(console_output)
+            if self._is_terminal:
+                self._stream.write("\r\033[K" + self._bar(progress_current, progress_total))
+                self._stream.flush()
+        return True
+
+    def finish(self, console_output):
+        with self._lock:
+            self._show_new_lines(console_output)
+
+    def _show_new_lines(self, console_output):
+        lines = console_output.splitlines()
+        if self._is_terminal:
+            self._stream.write("\r\033[K")
+        for line in lines[self._lines_shown:]:
+            self._stream.write(line + "\n")
+        self._lines_shown = max(self._lines_shown, len(lines))
+        self._stream.flush()
+
+    def _bar(self, current, total):
+        elapsed = "%.0fs" % (time.monotonic() - self._started)
+        if current is None or not total:
+            return "%s: running, %s" % (self._job_type, elapsed)
+        fraction = min(1.0, max(0.0, current / total))
+        filled = int(fraction * self.BAR_WIDTH)
+        return "%s [%s%s] %3d%% %s" % (self._job_type, "#" * filled, "." * (self.BAR_WIDTH - filled),
+                                       fraction * 100, elapsed)
+
+
+def parse_run_params(assignments, params_json, params_file):
+    """Merge --params-file, --params and key=value arguments (values are JSON when they parse)."""
+    params = {}
+    for source, text in (("--params-file", None), ("--params", params_json)):
+        if source == "--params-file":
+            if not params_file:
+                continue
+            try:
+                with open(params_file, encoding="utf-8") as stream:
+                    text = stream.read()
+            except OSError as error:
+                raise ConfigurationError("cannot read --params-file %s: %s" % (params_file, error.strerror))
+        if text is None:
+            continue
+        try:
+            value = json.loads(text)
+        except ValueError as error:
+            raise ConfigurationError("%s is not valid JSON: %s" % (source, error))
+        if not isinstance(value, dict):
+            raise ConfigurationError("%s must be a JSON object" % source)
+        params.update(value)
+    for assignment in assignments:
+        key, equals, text = assignment.partition("=")
+        if not equals or not key:
+            raise ConfigurationError("expected key=value, got %r" % assignment)
+        try:
+            params[key] = json.loads(text)
+        except ValueError:
+            params[key] = text
+    return params
+
+
+def run_locally(job_type, input_params, settings, out=None, err=None):
+    """Run one job here, through the same execution path as the runner; returns the exit code."""
+    out, err = out or sys.stdout, err or sys.stderr
+    handler = JOB_HANDLERS.get(job_type)
+    if handler is None:
+        err.write("Error: unknown job type %r (known: %s)\n" % (job_type, ", ".join(sorted(JOB_HANDLERS))))
+        return EXIT_FAILURE
+    reason = handler.unavailable_reason()
+    if reason:
+        err.write("Error: job type %s cannot run here: %s\n" % (job_type, reason))
+        return EXIT_FAILURE
+    waker = Waker()
+    progress = JobProgress(settings.heartbeat_interval)
+    display = TerminalProgress(err, job_type)
+    pump = HeartbeatPump(progress, display, settings.heartbeat_interval, 0.1, waker.wake)
+    pump.start()
+    report = JobExecution(handler, input_params, progress, waker).run(settings.job_timeout)
+    progress.finish()
+    pump.join()
+    display.finish(report["body"]["console_output"])
+    if report["kind"] == "complete":
+        out.write(json.dumps(report["body"]["output_data"], indent=2) + "\n")
+        return EXIT_OK
+    err.write("Error: %s\n" % report["body"]["error_message"])
+    return EXIT_FAILURE
+
+
+# ---- Command line ---------------------------------------------------------------
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="runpack", description="Runpack runner: serve jobs from a Runpack worker, or run one here.")
+    parser.add_argument("--version", action="version", version="runpack-runner " + __version__)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    runner = commands.add_parser(
+        "runner", help="register with the worker and serve jobs until stopped",
+        description="Serve jobs from a Runpack worker. Needs %s in the environment. The first "
+                    "SIGINT/SIGTERM finishes the running job and stops; a second one stops the job "
+                    "now and reports it failed." % API_KEY_ENV)
+    add_setting_flags(runner, RUNNER_SETTINGS)
+    run = commands.add_parser(
+        "run", help="run one job here, without a worker or key",
+        description="Run one job locally and print its output JSON, e.g. "
+                    "`run hello_world name=Alice processing_time=3`.")
+    run.add_argument("job_type", help="the job type, e.g. hello_world")
+    run.add_argument("params", nargs="*", metavar="KEY=VALUE",
+                     help="a parameter; the value is read as JSON when it parses, else as a string")
+    run.add_argument("--params", dest="params_json", metavar="JSON", help="parameters as a JSON object")
+    run.add_argument("--params-file", metavar="FILE", help="a file holding parameters as a JSON object")
+    add_setting_flags(run, RUN_SETTINGS, {"heartbeat_interval": RUN_HEARTBEAT_INTERVAL_S})
+    return parser
+
+
+def command_runner(args, environ):
+    api_key = environ.get(API_KEY_ENV, "").strip()
+    if not api_key:
+        print(MISSING_KEY_MESSAGE, file=sys.stderr)
+        return EXIT_USAGE
+    if not all(" " < character < "\x7f" for character in api_key):
+        raise ConfigurationError("%s holds characters that cannot go in an HTTP header" % API_KEY_ENV)
+    settings = resolve_settings(args, RUNNER_SETTINGS, environ)
+    worker_url = check_worker_url(settings.worker_url, settings.allow_insecure_http)
+    load_handler_modules(settings.handlers)
+    state = StateDirectory(settings.state_dir)
+    state.prepare()
+    try:
+        state.lock()
+    except StateDirectoryBusy as error:
+        print("Error: %s" % error, file=sys.stderr)
+        return EXIT_STATE_DIR_BUSY
+    environ.pop(API_KEY_ENV, None)  # job handlers and the processes they start never see the key
+    configure_logging(sys.stdout, os.path.join(state.path, settings.log_file), secret=api_key)
+    LOG.info("Runpack runner %s starting (Python %s): worker %s, state directory %s", __version__,
+             sys.version.split()[0], worker_url, state.path)
+    client = WorkerClient(worker_url, api_key, settings.request_timeout)
+    try:
+        return Runner(settings, client, state, JOB_HANDLERS, secret=api_key).run()
+    except Exception:
+        LOG.exception("Unexpected error; the runner stops (job records stay in %s)", state.jobs_path)
+        return EXIT_FAILURE
+
+
+def command_run(args, environ):
+    settings = resolve_settings(args, RUN_SETTINGS, environ, {"heartbeat_interval": RUN_HEARTBEAT_INTERVAL_S})
+    load_handler_modules(settings.handlers)
+    params = parse_run_params(args.params, args.params_json, args.params_file)
+    configure_logging(sys.stderr, level=logging.CRITICAL)  # the job's console says it all
+    try:
+        return run_locally(args.job_type, params, settings)
+    except KeyboardInterrupt:
+        print("\nInterrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+
+
+def main(argv=None):
+    """The command line; also the entry point for scripts that vendor this file and
+    register their own job types first: ``sys.exit(runpack_runner.main())``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        if args.command == "run":
+            return command_run(args, os.environ)
+        return command_runner(args, os.environ)
+    except ConfigurationError as error:
+        print("Error: %s" % error, file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    # Handler modules `import runpack_runner`: let that be this module, not a second copy
+    # with a registry of its own.
+    sys.modules.setdefault("runpack_runner", sys.modules[__name__])
+    sys.exit(main())

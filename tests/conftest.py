@@ -1,0 +1,130 @@
+"""Shared test fixtures: a fake worker on 127.0.0.1 and the real runner CLI as a subprocess."""
+
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, TESTS)
+
+from fake_worker import RUNNER_KEY, FakeWorker  # noqa: E402
+
+REPO = os.path.dirname(TESTS)
+RUNNER_PY = os.path.join(REPO, "runpack_runner.py")
+TEST_JOB_TYPES = os.path.join(TESTS, "job_types_for_tests.py")
+
+# Small intervals, so that no test waits for the real 10-60 s schedule.
+FAST_SETTINGS = ("--poll-interval", "0.2", "--poll-interval-step", "0.1", "--poll-interval-max", "0.5",
+                 "--heartbeat-interval", "0.5", "--request-timeout", "2", "--retry-max", "0.3")
+
+
+def find_python(name):
+    """The path of an installed interpreter such as "python3.8" that really runs, or None.
+
+    pyenv puts shims for every version on PATH that fail unless the version is selected,
+    so a shim is tried first and the version's own binary second."""
+    candidates = [shutil.which(name)]
+    candidates += sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/%s*/bin/%s" % (name[6:], name))))
+    for candidate in filter(None, candidates):
+        try:
+            subprocess.run([candidate, "-c", "pass"], check=True, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, timeout=30)
+            return candidate
+        except (OSError, subprocess.SubprocessError):
+            continue
+    return None
+
+
+def clean_environment(**overrides):
+    """The test process's environment without RUNPACK_* settings, plus ``overrides``."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RUNPACK_")}
+    env.update(overrides)
+    return env
+
+
+class RunnerProcess:
+    """`python runpack_runner.py runner ...` started in the background, its output in a file."""
+
+    def __init__(self, command, env, state_dir, output_path):
+        self.command, self.state_dir, self.output_path = command, str(state_dir), str(output_path)
+        self._output = open(self.output_path, "wb")
+        self.process = subprocess.Popen(command, env=env, cwd=self.state_dir, stdout=self._output,
+                                        stderr=subprocess.STDOUT)
+
+    @property
+    def output(self):
+        with open(self.output_path, encoding="utf-8", errors="replace") as stream:
+            return stream.read()
+
+    def send(self, signum):
+        self.process.send_signal(signum)
+
+    def wait(self, timeout=20):
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise AssertionError("runner did not exit within %ss; output:\n%s" % (timeout, self.output))
+
+    def stop(self, timeout=20):
+        """First SIGTERM: the runner finishes what it does and exits."""
+        if self.process.poll() is None:
+            self.send(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def wait_for_output(self, text, timeout=15):
+        deadline = time.monotonic() + timeout
+        while text not in self.output:
+            if time.monotonic() > deadline or self.process.poll() is not None and text not in self.output:
+                raise AssertionError("%r not in runner output:\n%s" % (text, self.output))
+            time.sleep(0.02)
+
+    def close(self):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self._output.close()
+
+
+@pytest.fixture
+def worker():
+    with FakeWorker() as fake:
+        yield fake
+        assert not fake.internal_errors, "the fake worker itself failed:\n%s" % fake.internal_errors
+
+
+@pytest.fixture
+def start_runner(tmp_path, worker):
+    """Start the real CLI against the fake worker: ``start_runner("--handlers", path, env={...})``."""
+    started = []
+
+    def start(*extra_args, state_dir=None, env=None, python=sys.executable, fast=True,
+              worker_url=None, key=RUNNER_KEY):
+        state_dir = state_dir or tmp_path / "state"
+        os.makedirs(str(state_dir), exist_ok=True)
+        command = [python, RUNNER_PY, "runner", "--worker-url", worker_url or worker.url,
+                   "--state-dir", str(state_dir)] + list(FAST_SETTINGS if fast else ()) + list(extra_args)
+        environment = clean_environment(**(env or {}))
+        if key is not None:
+            environment["RUNPACK_RUNNER_API_KEY"] = key
+        runner = RunnerProcess(command, environment, state_dir,
+                               tmp_path / ("runner-%d.out" % len(started)))
+        started.append(runner)
+        return runner
+
+    yield start
+    for runner in started:
+        runner.close()
+
+
+def run_cli(*args, env=None, timeout=60, python=sys.executable, cwd=None):
+    """Run the CLI to completion; returns the CompletedProcess (text)."""
+    return subprocess.run([python, RUNNER_PY] + list(args), env=clean_environment(**(env or {})),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                          timeout=timeout, cwd=cwd)

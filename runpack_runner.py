@@ -45,6 +45,9 @@ EXIT_FAILURE = 1  # `run`: the job failed; `runner`: an unexpected error
 EXIT_USAGE = 2  # bad command line, bad setting, missing key
 EXIT_KEY_REJECTED = 3  # the worker answered 401 to our key
 EXIT_STATE_DIR_BUSY = 4  # another runner holds the state directory
+EXIT_JOBS_DONE = 5  # --once or --max-jobs: the jobs were run
+EXIT_IDLE = 6  # --idle-timeout: no job came
+EXIT_MAX_UPTIME = 7  # --max-uptime: the time was up
 # A second shutdown signal exits with 128 + the signal number, as shells report it.
 
 
@@ -65,6 +68,20 @@ class Setting:
 def _parse_seconds(text):
     value = float(text)
     if not 0 <= value < float("inf"):
+        raise ValueError(text)
+    return value
+
+
+def _parse_count(text):
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
+def _parse_positive_count(text):
+    value = _parse_count(text)
+    if value < 1:
         raise ValueError(text)
     return value
 
@@ -96,6 +113,18 @@ SETTINGS = (
             "a number of seconds", "longest wait between retries of a failed request"),
     Setting("job_timeout", "--job-timeout", "RUNPACK_JOB_TIMEOUT", 6 * 3600.0, _parse_seconds,
             "a number of seconds", "a job running longer fails (0: no limit)"),
+    Setting("concurrency", "--concurrency", "RUNPACK_CONCURRENCY", 1, _parse_positive_count,
+            "a whole number from 1", "jobs run at once, each in its own process"),
+    Setting("in_process", "--in-process", "RUNPACK_IN_PROCESS", False, _parse_boolean, "true or false",
+            "run jobs in a thread of the runner, not a process each (for debugging)"),
+    Setting("once", "--once", "RUNPACK_ONCE", False, _parse_boolean, "true or false",
+            "run one job, then exit"),
+    Setting("max_jobs", "--max-jobs", "RUNPACK_MAX_JOBS", 0, _parse_count, "a whole number",
+            "exit after this many jobs (0: no limit)"),
+    Setting("idle_timeout", "--idle-timeout", "RUNPACK_IDLE_TIMEOUT", 0.0, _parse_seconds,
+            "a number of seconds", "exit after this long without a job (0: never)"),
+    Setting("max_uptime", "--max-uptime", "RUNPACK_MAX_UPTIME", 0.0, _parse_seconds,
+            "a number of seconds", "take no new job after this long, finish and exit (0: never)"),
     Setting("handlers", "--handlers", "RUNPACK_HANDLERS", "", str, "a list of modules",
             "comma-separated modules (module[:attr] or file.py) that register job types"),
     Setting("log_file", "--log-file", "RUNPACK_LOG_FILE", "runpack_runner.log", str, "a path",
@@ -105,7 +134,7 @@ SETTINGS = (
 )
 SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
 RUNNER_SETTINGS = tuple(setting.name for setting in SETTINGS)
-RUN_SETTINGS = ("heartbeat_interval", "job_timeout", "handlers")
+RUN_SETTINGS = ("heartbeat_interval", "job_timeout", "in_process", "handlers")
 RUN_HEARTBEAT_INTERVAL_S = 1.0  # `run` refreshes the terminal, not a worker: it can be quick
 
 
@@ -276,6 +305,10 @@ class Waker:
             self._writer.send(b"\0")
         except OSError:  # the buffer is full: a wake-up is already pending
             pass
+
+    def close(self):
+        self._reader.close()
+        self._writer.close()
 
     def wait(self, timeout):
         """Sleep up to ``timeout`` seconds, less if woken."""
@@ -842,16 +875,27 @@ class FigpackRasterPlotJob(JobHandler):
         return dict(identity, figpack_url=figpack_url, console_output="\n".join(console))
 
 
-# ---- Running one job: progress, heartbeats, the result --------------------------
+# ---- Running one job: progress, heartbeats, isolation, the result ---------------
 
 SHUTDOWN_MESSAGE = "runner was shut down while the job was running"
 CLAIM_LOST_MESSAGE = "the worker says the job is no longer claimed by this runner"
 HEARTBEAT_MIN_GAP_S = 0.5  # the worker allows 120 heartbeats a minute per runner
+JOB_UPDATE_GAP_S = 0.1  # how often a job process passes its progress to the runner
+JOB_STOP_GRACE_S = 5.0  # a job process gets SIGTERM, then SIGKILL this much later
+PROCESS_OUTPUT_MARKER = "[runpack: output of the job process]"
 _UNCHANGED = object()
 
 
 def _progress_number(value):
     return None if value is None else int(value)
+
+
+def merge_console(handler_console, process_output):
+    """The console the worker shows: the handler's, then whatever the job process printed."""
+    if not process_output:
+        return handler_console
+    separator = "\n" if handler_console and not handler_console.endswith("\n") else ""
+    return "%s%s%s\n%s" % (handler_console, separator, PROCESS_OUTPUT_MARKER, process_output)
 
 
 class JobProgress:
@@ -862,6 +906,7 @@ class JobProgress:
         self.heartbeat_interval = heartbeat_interval
         self.progress_current = self.progress_total = None
         self.console_output = ""
+        self.process_output = ""
         self.version = 0
         self.cancel_reason = None
         self.finished = False
@@ -871,6 +916,9 @@ class JobProgress:
                  console_output=_UNCHANGED):
         if self.cancel_reason:
             raise JobCancelled(self.cancel_reason)
+        self.update(progress_current, progress_total, console_output)
+
+    def update(self, progress_current=_UNCHANGED, progress_total=_UNCHANGED, console_output=_UNCHANGED):
         with self._condition:
             if progress_current is not _UNCHANGED:
                 self.progress_current = _progress_number(progress_current)
@@ -880,6 +928,16 @@ class JobProgress:
                 self.console_output = "" if console_output is None else str(console_output)
             self.version += 1
             self._condition.notify_all()
+
+    def add_process_output(self, text):
+        with self._condition:
+            self.process_output = keep_console_tail(self.process_output + text)
+            self.version += 1
+            self._condition.notify_all()
+
+    @property
+    def console(self):
+        return merge_console(self.console_output, self.process_output)
 
     @property
     def cancelled(self):
@@ -897,7 +955,7 @@ class JobProgress:
 
     def snapshot(self):
         with self._condition:
-            return self.version, self.progress_current, self.progress_total, self.console_output
+            return self.version, self.progress_current, self.progress_total, self.console
 
     def wait_for_change(self, seen_version, timeout):
         with self._condition:
@@ -906,8 +964,9 @@ class JobProgress:
 
 class HeartbeatPump(threading.Thread):
     """Sends a job's heartbeats from a background thread, so that a handler that never
-    calls heartbeat_callback still keeps its claim: one at once, one every interval,
-    and one soon after each progress update, never two within ``min_gap`` seconds.
+    calls heartbeat_callback still keeps its claim: one every interval, and one soon
+    after each progress update, never two within ``min_gap`` seconds. The claim counts
+    as the first, so a job shorter than ``min_gap`` costs no heartbeat at all.
 
     ``send(progress_current, progress_total, console_output)`` returns False once the
     job is no longer ours: the pump then cancels the job and calls ``wake``.
@@ -920,13 +979,11 @@ class HeartbeatPump(threading.Thread):
         self._interval = max(interval, min_gap)
 
     def run(self):
-        sent_version, sent_at = None, None
+        sent_version, sent_at = 0, time.monotonic()
         while not self._progress.finished:
             version, current, total, console = self._progress.snapshot()
             now = time.monotonic()
-            if sent_at is None:
-                due = now
-            elif version != sent_version:
+            if version != sent_version:
                 due = sent_at + self._min_gap
             else:
                 due = sent_at + self._interval
@@ -940,9 +997,12 @@ class HeartbeatPump(threading.Thread):
                 return
 
 
-def error_report(message, console):
-    return {"kind": "error", "body": {"error_message": trim_error_message(message),
-                                      "console_output": keep_console_tail(console)}}
+def error_report(message, console, details=None):
+    report = {"kind": "error", "body": {"error_message": trim_error_message(message),
+                                        "console_output": keep_console_tail(console)}}
+    if details:
+        report["traceback"] = details  # for the runner's log; not sent to the worker
+    return report
 
 
 def complete_report(result, console):
@@ -973,56 +1033,254 @@ def redact_value(value, secret):
     return json.loads(redact(text, secret)) if secret and secret in text else value
 
 
+def run_handler(handler, input_params, progress):
+    """Call a handler and turn whatever happens into a report; None once it was cancelled."""
+    try:
+        result = handler.execute(input_params, progress)
+    except JobCancelled:
+        return None
+    except ValueError as error:
+        return error_report("Invalid parameters: %s" % error, progress.console)
+    except Exception as error:
+        details = traceback.format_exc()
+        console = progress.console
+        return error_report("Job execution failed: %s" % (str(error) or type(error).__name__),
+                            console + ("\n" if console else "") + details, details)
+    return complete_report(result, progress.console)
+
+
 class JobExecution:
-    """Runs one handler in its own thread while the calling thread watches for its end,
-    a lost claim, the time limit and a second shutdown signal.
+    """Runs one job's handler and watches for its end, a lost claim, the time limit and a
+    second shutdown signal. ``run`` returns the report, or None once the job is no longer
+    ours. Subclasses decide where the handler runs: a thread, or a process of its own."""
 
-    ``run`` returns the report to send, or None when the job is no longer ours.
-    """
-
-    def __init__(self, handler, input_params, progress, waker):
-        self._handler, self._input_params = handler, input_params
-        self._progress, self._waker = progress, waker
-        self._report = None
-        self._done = False
+    def __init__(self, job_type, input_params, progress):
+        self.job_type, self.input_params, self.progress = job_type, input_params, progress
+        self.waker = Waker()
+        self.report = None
+        self.done = False
 
     def run(self, timeout, shutdown=None):
-        threading.Thread(target=self._call_handler, name="job", daemon=True).start()
+        self.start()
         deadline = time.monotonic() + timeout if timeout else None
-        while not self._done:
-            if self._progress.cancelled:
-                return None
-            if shutdown is not None:
-                shutdown.announce(job_running=True)
-                if shutdown.immediate:
+        try:
+            while not self.done:
+                if self.progress.cancelled:
+                    self.stop()
+                    return None
+                if shutdown is not None and shutdown.immediate:
                     return self._give_up(SHUTDOWN_MESSAGE)
-            remaining = deadline - time.monotonic() if deadline else 3600.0
-            if remaining <= 0:
-                return self._give_up("Job execution failed: timed out after %g s" % timeout)
-            self._waker.wait(remaining)
-        return self._report
+                remaining = deadline - time.monotonic() if deadline else 3600.0
+                if remaining <= 0:
+                    return self._give_up("Job execution failed: timed out after %g s" % timeout)
+                self.waker.wait(remaining)
+            return self.outcome()
+        finally:
+            self.cleanup()
 
     def _give_up(self, message):
-        self._progress.cancel(message)
-        return error_report(message, self._progress.console_output)
+        self.progress.cancel(message)
+        self.stop()
+        return error_report(message, self.progress.console)
+
+    def _finished(self):
+        self.done = True
+        self.waker.wake()
+
+    def start(self):
+        raise NotImplementedError
+
+    def stop(self):
+        """End the handler early (the thread flavour can only ask it to, through JobCancelled)."""
+
+    def outcome(self):
+        return self.report
+
+    def cleanup(self):
+        pass
+
+
+class ThreadJobExecution(JobExecution):
+    """The handler runs in a thread of the runner (``--in-process``): cheap, but a handler
+    that crashes the interpreter or never returns takes the runner with it."""
+
+    def start(self):
+        threading.Thread(target=self._call_handler, name="job", daemon=True).start()
 
     def _call_handler(self):
         try:
-            result = self._handler.execute(self._input_params, self._progress)
-            self._report = complete_report(result, self._progress.console_output)
-        except JobCancelled:
-            pass
-        except ValueError as error:
-            self._report = error_report("Invalid parameters: %s" % error, self._progress.console_output)
-        except Exception as error:
-            details = traceback.format_exc()
-            LOG.error("Job handler %s raised an exception:\n%s", type(self._handler).__name__, details)
-            console = self._progress.console_output
-            self._report = error_report("Job execution failed: %s" % (str(error) or type(error).__name__),
-                                        console + ("\n" if console else "") + details)
+            self.report = run_handler(JOB_HANDLERS[self.job_type], self.input_params, self.progress)
         finally:
-            self._done = True
-            self._waker.wake()
+            self._finished()
+
+
+class ProcessJobExecution(JobExecution):
+    """The handler runs in a process of its own, in its own process group, with its own
+    temporary directory: a crash, an OOM kill, a hang or a leak costs only this job, and
+    stopping the job kills the whole group. The process passes progress and its report
+    as JSON lines on a pipe; whatever it prints lands in the job's console."""
+
+    def __init__(self, job_type, input_params, progress, handler_specs):
+        super().__init__(job_type, input_params, progress)
+        self.handler_specs = handler_specs
+        self.process = None
+
+    def start(self):
+        import subprocess
+        import tempfile
+
+        self.temporary_dir = tempfile.mkdtemp(prefix="runpack-job-")
+        spec_path = os.path.join(self.temporary_dir, "job.json")
+        with open(spec_path, "w", encoding="utf-8") as stream:
+            json.dump({"job_type": self.job_type, "input_params": self.input_params,
+                       "heartbeat_interval": self.progress.heartbeat_interval,
+                       "handlers": self.handler_specs}, stream)
+        channel_reader, channel_writer = os.pipe()
+        environment = dict(os.environ, TMPDIR=self.temporary_dir, PYTHONUNBUFFERED="1")
+        command = ([sys.executable] + subprocess._args_from_interpreter_flags()
+                   + [_entry_script(), JOB_PROCESS_COMMAND, spec_path, str(channel_writer)])
+        try:
+            self.process = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                pass_fds=(channel_writer,), start_new_session=True, env=environment)
+        finally:
+            os.close(channel_writer)
+        threading.Thread(target=self._relay, args=(channel_reader,), name="job-io", daemon=True).start()
+
+    def _relay(self, channel_reader):
+        """Pass the process's messages and output on until it exits and its pipes close."""
+        import codecs
+
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        output_reader = self.process.stdout.fileno()
+        open_pipes, pending, exited_at = [channel_reader, output_reader], b"", None
+        while open_pipes:
+            ready, _, _ = select.select(open_pipes, [], [], 0.5)
+            for pipe in ready:
+                chunk = os.read(pipe, 65536)
+                if not chunk:
+                    open_pipes.remove(pipe)
+                elif pipe == output_reader:
+                    self.progress.add_process_output(decoder.decode(chunk))
+                else:
+                    pending += chunk
+                    *lines, pending = pending.split(b"\n")
+                    for line in lines:
+                        self._receive(json.loads(line.decode("utf-8")))
+            if self.process.poll() is not None:
+                exited_at = exited_at or time.monotonic()
+                if time.monotonic() - exited_at > 1.0:
+                    break  # a process the job started still holds a pipe: stop listening
+        os.close(channel_reader)
+        self.process.wait()
+        self._finished()
+
+    def _receive(self, message):
+        if "report" in message:
+            self.report = message["report"]
+        else:
+            self.progress.update(message["progress_current"], message["progress_total"],
+                                 message["console_output"])
+
+    def stop(self):
+        if self.process is None or self.process.poll() is not None:
+            return
+        _signal_group(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(JOB_STOP_GRACE_S)
+        except Exception:  # subprocess.TimeoutExpired
+            _signal_group(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def outcome(self):
+        if self.report is not None:
+            body = self.report["body"]
+            body["console_output"] = keep_console_tail(
+                merge_console(body["console_output"], self.progress.process_output))
+            return self.report
+        return error_report("Job execution failed: the job process %s"
+                            % describe_exit(self.process.returncode), self.progress.console)
+
+    def cleanup(self):
+        import shutil
+
+        if self.process is not None:
+            _signal_group(self.process.pid, signal.SIGKILL)  # whatever the job left running
+            self.process.stdout.close()
+        shutil.rmtree(self.temporary_dir, ignore_errors=True)
+
+
+def _signal_group(pid, signum):
+    try:
+        os.killpg(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def describe_exit(returncode):
+    if returncode is not None and returncode < 0:
+        name = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else str(-returncode)
+        hint = " (out of memory? the kernel's OOM killer sends SIGKILL)" if name == "SIGKILL" else ""
+        return "was killed by signal %s%s" % (name, hint)
+    return "exited with code %s before reporting a result" % returncode
+
+
+JOB_PROCESS_COMMAND = "_job"  # hidden command: the job process's side of ProcessJobExecution
+
+
+def _entry_script():
+    """The script that started this process, so that a job process registers the same job
+    types: runpack_runner.py itself, the `runpack` console script, or a vendoring script
+    that registers its own types and then calls main()."""
+    script = sys.argv[0] if sys.argv else ""
+    return os.path.abspath(script) if os.path.isfile(script) else os.path.abspath(__file__)
+
+
+class ParentPipe:
+    """The job process's end of the pipe to the runner: one JSON message per line."""
+
+    def __init__(self, descriptor):
+        self._stream = os.fdopen(descriptor, "w", encoding="utf-8")
+        self._lock = threading.Lock()
+
+    def send(self, message):
+        with self._lock:
+            self._stream.write(json.dumps(message) + "\n")
+            self._stream.flush()
+
+    def __call__(self, progress_current, progress_total, console_output):
+        self.send({"progress_current": progress_current, "progress_total": progress_total,
+                   "console_output": console_output})
+        return True
+
+
+def _exit_with_parent(parent_pid):
+    """A job process outlives its runner by a second at most (the runner may be kill -9'ed)."""
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    os._exit(EXIT_FAILURE)
+
+
+def serve_job_process(spec_path, channel_descriptor):
+    """The job process: run one handler, pass progress and the report to the runner."""
+    parent_pid = os.getppid()
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, datefmt=LOG_DATE_FORMAT)
+    with open(spec_path, encoding="utf-8") as stream:
+        spec = json.load(stream)
+    load_handler_modules(spec["handlers"])
+    parent = ParentPipe(int(channel_descriptor))
+    progress = JobProgress(spec["heartbeat_interval"])
+    pump = HeartbeatPump(progress, parent, 3600.0, JOB_UPDATE_GAP_S, lambda: None)
+    pump.start()
+    report = run_handler(JOB_HANDLERS[spec["job_type"]], spec["input_params"], progress)
+    progress.finish()
+    pump.join()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if report is not None:
+        parent.send({"report": report})
+    return EXIT_OK
 
 
 # ---- The runner loop: register, poll with backoff, claim, shutdown ---------------
@@ -1040,19 +1298,21 @@ class RunnerStopped(Exception):
 
 
 class ShutdownRequests:
-    """Counts SIGINT/SIGTERM: the first stops taking new jobs, the second stops the running one.
+    """Counts SIGINT/SIGTERM: the first stops taking new jobs, the second stops the running ones.
 
-    Being a signal handler, it only counts and wakes the main thread, which does the logging.
+    Being a signal handler, it only counts and wakes the threads that wait (each through
+    its own Waker); the main thread does the logging.
     """
 
     def __init__(self, waker):
         self.count, self.signum, self._announced = 0, None, 0
-        self._waker = waker
+        self.wakers = {waker}
 
     def __call__(self, signum, frame=None):
         self.count += 1
         self.signum = signum
-        self._waker.wake()
+        for waker in tuple(self.wakers):
+            waker.wake()
 
     graceful = property(lambda self: self.count >= 1)
     immediate = property(lambda self: self.count >= 2)
@@ -1062,14 +1322,14 @@ class ShutdownRequests:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(signum, self)
 
-    def announce(self, job_running):
+    def announce(self, jobs_running):
         if self.count <= self._announced:
             return
         self._announced = self.count
         name = signal.Signals(self.signum).name if self.signum else "a stop request"
         if self.count >= 2:
             LOG.warning("Received %s again: stopping the running job now", name)
-        elif job_running:
+        elif jobs_running:
             LOG.info("Received %s: finishing the running job, then stopping (send it again to stop "
                      "the job now)", name)
         else:
@@ -1100,8 +1360,16 @@ class WorkerHeartbeats:
         return ours
 
 
+def make_execution(settings, job_type, input_params, progress):
+    if settings.in_process or os.name != "posix":
+        return ThreadJobExecution(job_type, input_params, progress)
+    return ProcessJobExecution(job_type, input_params, progress, settings.handlers)
+
+
 class Runner:
-    """Registers, polls with backoff, claims down the list, runs each job and reports it.
+    """Registers, polls with backoff, claims down the list and runs each job in a job slot
+    (a thread that runs the job, sends its heartbeats and delivers its report), up to
+    ``concurrency`` at once.
 
     Every claimed job has a custody record in the state directory from before the claim
     until the worker accepted its report, so no crash, restart or network outage can
@@ -1115,9 +1383,16 @@ class Runner:
         self.shutdown = ShutdownRequests(self.waker)
         self.job_types = []
         self._secret = secret
+        self._active = {}  # job id -> its job slot thread
+        self._lock = threading.Lock()
+        self._fatal = None
+        self._jobs_started = 0
+        self._max_jobs = 1 if settings.once else settings.max_jobs
+        self._started_at = self._last_busy = time.monotonic()
+        self._stop_code = None
 
     def run(self):
-        """Serve until shut down; returns the process exit code."""
+        """Serve until shut down or a batch limit is reached; returns the process exit code."""
         self.shutdown.install()
         self.job_types = self._job_types_to_serve()
         if not self.job_types:
@@ -1126,18 +1401,21 @@ class Runner:
         try:
             self._establish_identity()
             self._serve()
+            self._wait_for_jobs()
         except RunnerStopped:
             pass
         except WorkerKeyRejected as error:
             LOG.error("%s; stopping. Check RUNPACK_RUNNER_API_KEY and start the runner again", error)
             return EXIT_KEY_REJECTED
-        self.shutdown.announce(job_running=False)
+        self.shutdown.announce(jobs_running=False)
         left = len(self.state.job_records())
         if left:
             LOG.warning("%d job record(s) wait in %s; they are settled when the runner starts again",
                         left, self.state.jobs_path)
         LOG.info("Runner stopped")
-        return 128 + self.shutdown.signum if self.shutdown.immediate else EXIT_OK
+        if self.shutdown.immediate:
+            return 128 + self.shutdown.signum
+        return EXIT_OK if self.shutdown.graceful or self._stop_code is None else self._stop_code
 
     def _job_types_to_serve(self):
         serve = []
@@ -1181,7 +1459,7 @@ class Runner:
             except TransientWorkerError as error:
                 delay = backoff.next_delay(error)
                 LOG.warning("Cannot %s yet: %s; trying again in %.1fs", what, error, delay)
-                self._sleep(delay)
+                self._sleep(delay, self.waker)
                 if self.shutdown.graceful:
                     raise RunnerStopped()
                 continue
@@ -1189,16 +1467,25 @@ class Runner:
                 LOG.info("The worker answers again")
             return answer
 
+    def _reregister_if_forgotten(self):
+        identity = self.state.load_identity() or {}
+        if not self.client.verify(self.client.runner_id):
+            LOG.warning("The worker no longer knows this runner; registering again")
+            self._register(identity.get("runner_name") or new_runner_name())
+
     # -- the loop
 
     def _serve(self):
         interval = self.settings.poll_interval
         announced_interval = None
         failures = RetryBackoff(self.settings.retry_max)
-        while not self.shutdown.graceful:
+        while self._may_take_jobs():
+            if self._slots_full():
+                self._wait_for_a_slot()
+                continue
             try:
                 self._settle_job_records()
-                if self.shutdown.graceful:
+                if not self._may_take_jobs():
                     break
                 jobs = self.client.available(self.job_types)
                 if failures.failures:
@@ -1210,33 +1497,28 @@ class Runner:
             except WorkerError as error:
                 delay = failures.next_delay(error if isinstance(error, TransientWorkerError) else None)
                 LOG.warning("%s; trying again in %.1fs", error, delay)
-                self._sleep(delay)
+                self._sleep(delay, self.waker)
                 continue
             if executed:
                 interval = self.settings.poll_interval
                 continue
+            if self._idle_for_too_long():
+                break
             if interval != announced_interval:
                 LOG.info("No jobs available; next poll in %gs", interval)
                 announced_interval = interval
-            self._sleep(interval)
+            self._sleep(min(interval, self._time_to_next_limit()), self.waker)
             interval = min(interval + self.settings.poll_interval_step, self.settings.poll_interval_max)
 
-    def _sleep(self, seconds):
-        deadline = time.monotonic() + seconds
-        while not self.shutdown.graceful:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            self.waker.wait(remaining)
-        self.shutdown.announce(job_running=False)
-
     def _work_through(self, jobs):
-        """Claim down the polled list, running each job won; True if any job ran."""
+        """Claim down the polled list while slots are free; True if any job was started."""
         executed = False
         for listed in jobs:
-            if self.shutdown.graceful:
+            if self._slots_full():
+                self._wait_for_a_slot()
+            if not self._may_take_jobs():
                 break
-            if listed["job_type"] not in self.job_types:
+            if listed["job_type"] not in self.job_types or listed["job_id"] in self._active:
                 continue
             record = {"job_id": listed["job_id"], "job_type": listed["job_type"],
                       "input_params": listed.get("input_params", {}),
@@ -1255,18 +1537,101 @@ class Runner:
             if isinstance(job.get("input_params"), dict):
                 record["input_params"] = job["input_params"]
             executed = True
-            self._run(record)
+            self._start_job(record)
         return executed
 
-    def _reregister_if_forgotten(self):
-        identity = self.state.load_identity() or {}
-        if not self.client.verify(self.client.runner_id):
-            LOG.warning("The worker no longer knows this runner; registering again")
-            self._register(identity.get("runner_name") or new_runner_name())
+    # -- limits: signals, batch modes, free slots
 
-    # -- one job
+    def _may_take_jobs(self):
+        if self._fatal is not None:
+            raise self._fatal
+        if self.shutdown.graceful or self._stop_code is not None:
+            return False
+        if self._max_jobs and self._jobs_started >= self._max_jobs:
+            self._stop(EXIT_JOBS_DONE, "ran %d job(s), as --once/--max-jobs asked" % self._jobs_started)
+        elif self._past_max_uptime():
+            self._stop(EXIT_MAX_UPTIME, "up for %gs (--max-uptime); taking no new job"
+                       % self.settings.max_uptime)
+        return self._stop_code is None
 
-    def _run(self, record):
+    def _past_max_uptime(self):
+        uptime = self.settings.max_uptime
+        return bool(uptime) and time.monotonic() - self._started_at >= uptime
+
+    def _idle_for_too_long(self):
+        idle = self.settings.idle_timeout
+        if idle and not self._active and time.monotonic() - self._last_busy >= idle:
+            self._stop(EXIT_IDLE, "no job for %gs (--idle-timeout)" % idle)
+        return self._stop_code is not None
+
+    def _time_to_next_limit(self):
+        """Seconds until --idle-timeout or --max-uptime would end the runner (an hour if neither)."""
+        now, limits = time.monotonic(), [3600.0]
+        if self.settings.idle_timeout and not self._active:
+            limits.append(self._last_busy + self.settings.idle_timeout - now)
+        if self.settings.max_uptime:
+            limits.append(self._started_at + self.settings.max_uptime - now)
+        return max(0.0, min(limits))
+
+    def _stop(self, exit_code, why):
+        if self._stop_code is None:
+            self._stop_code = exit_code
+            LOG.info("Stopping: %s", why)
+
+    def _slots_full(self):
+        return len(self._active) >= self.settings.concurrency
+
+    def _wait_for_a_slot(self):
+        while self._slots_full() and not self.shutdown.graceful and self._fatal is None:
+            self.waker.wait(3600.0)
+            self.shutdown.announce(jobs_running=True)
+
+    def _wait_for_jobs(self):
+        while self._active:
+            self.waker.wait(3600.0)
+            self.shutdown.announce(jobs_running=True)
+        if self._fatal is not None:
+            raise self._fatal
+
+    def _sleep(self, seconds, waker):
+        deadline = time.monotonic() + seconds
+        while not self.shutdown.graceful:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            waker.wait(remaining)
+        if waker is self.waker:
+            self.shutdown.announce(jobs_running=bool(self._active))
+
+    # -- one job, in its slot
+
+    def _start_job(self, record):
+        self._jobs_started += 1
+        self._last_busy = time.monotonic()
+        slot = threading.Thread(target=self._job_slot, args=(record,), name="job-slot", daemon=True)
+        with self._lock:
+            self._active[record["job_id"]] = slot
+        slot.start()
+
+    def _job_slot(self, record):
+        waker = Waker()
+        self.shutdown.wakers.add(waker)
+        try:
+            self._run(record, waker)
+        except WorkerKeyRejected as error:
+            self._fatal = error
+        except Exception:
+            LOG.exception("Unexpected error with job %s; its record stays in %s", record["job_id"],
+                          self.state.jobs_path)
+        finally:
+            self.shutdown.wakers.discard(waker)
+            waker.close()
+            with self._lock:
+                self._active.pop(record["job_id"], None)
+            self._last_busy = time.monotonic()
+            self.waker.wake()
+
+    def _run(self, record, waker):
         job_id = record["job_id"]
         record["attempts"] = record.get("attempts", 0) + 1
         record["started_at"] = time.time()
@@ -1274,33 +1639,40 @@ class Runner:
         LOG.info("Claimed job %s (%s)%s", job_id, record["job_type"],
                  "" if record["attempts"] == 1 else ", attempt %d" % record["attempts"])
         progress = JobProgress(self.settings.heartbeat_interval)
+        execution = make_execution(self.settings, record["job_type"], record["input_params"], progress)
+        execution.waker = waker
         heartbeats = HeartbeatPump(progress, WorkerHeartbeats(self.client, record, self._secret),
-                                   self.settings.heartbeat_interval, HEARTBEAT_MIN_GAP_S, self.waker.wake)
+                                   self.settings.heartbeat_interval,
+                                   HEARTBEAT_MIN_GAP_S * self.settings.concurrency, waker.wake)
         heartbeats.start()
-        handler = self.handlers[record["job_type"]]
-        report = JobExecution(handler, record["input_params"], progress, self.waker).run(
-            self.settings.job_timeout, self.shutdown)
-        progress.finish()
+        try:
+            report = execution.run(self.settings.job_timeout, self.shutdown)
+        finally:
+            progress.finish()
         if report is None:
             LOG.warning("Job %s: %s; stopped it and discarded its result", job_id, CLAIM_LOST_MESSAGE)
             self.state.forget_job(job_id)
             return
+        if "traceback" in report:
+            LOG.error("Job %s: the handler raised an exception:\n%s", job_id, report.pop("traceback"))
         if not self.shutdown.immediate:
             heartbeats.join(self.settings.request_timeout)  # no heartbeat may follow the report
         record["report"] = redact_value(report, self._secret)
         self.state.save_job(record)
-        self._deliver(record)
+        self._deliver(record, waker)
+
+    # -- custody records
 
     def _settle_job_records(self):
         """Finish the custody of jobs left by an earlier process or an unanswered claim:
         spooled reports are delivered first, then interrupted jobs are resumed."""
-        records = self.state.job_records()
+        records = [record for record in self.state.job_records() if record["job_id"] not in self._active]
         for record in sorted(records, key=lambda record: record.get("report") is None):
-            if self.shutdown.graceful:
+            if self.shutdown.graceful or self._slots_full():
                 return
             if record.get("report"):
                 LOG.info("Delivering the spooled report of job %s", record["job_id"])
-                self._deliver(record)
+                self._deliver(record, self.waker)
             else:
                 self._resume(record)
 
@@ -1312,23 +1684,22 @@ class Runner:
             LOG.info("Job %s is not claimed by this runner; dropping its record", job_id)
             self.state.forget_job(job_id)
             return
-        handler = self.handlers.get(record["job_type"])
         reason = "this runner no longer serves job type %s" % record["job_type"]
-        if handler is not None and record["job_type"] in self.job_types:
+        if record["job_type"] in self.job_types:
             if attempts < MAX_RUN_ATTEMPTS:
                 if attempts:
                     LOG.warning("The runner stopped while running job %s; running it again", job_id)
-                self._run(record)
+                self._start_job(record)
                 return
             reason = "the runner process ended while running this job, %d times" % attempts
         LOG.error("Job %s cannot be run again: %s", job_id, reason)
         record["report"] = error_report("Job execution failed: %s" % reason, "")
         self.state.save_job(record)
-        self._deliver(record)
+        self._deliver(record, self.waker)
 
-    def _deliver(self, record):
-        """Send the record's report until the worker accepts or refuses it; if shutdown
-        comes first, the record stays on disk and the next start delivers it."""
+    def _deliver(self, record, waker):
+        """Send the record's report until the worker accepts or refuses it; if shutdown or
+        --max-uptime comes first, the record stays on disk and the next start delivers it."""
         job_id = record["job_id"]
         backoff = RetryBackoff(self.settings.retry_max)
         while True:
@@ -1341,13 +1712,13 @@ class Runner:
             except WorkerKeyRejected:
                 raise
             except TransientWorkerError as error:
-                if self.shutdown.graceful:
+                if self.shutdown.graceful or self._past_max_uptime():
                     LOG.warning("Could not report job %s (%s); the report stays in %s", job_id, error,
                                 self.state.jobs_path)
                     return
                 delay = backoff.next_delay(error)
                 LOG.warning("Reporting job %s failed: %s; trying again in %.1fs", job_id, error, delay)
-                self._sleep(delay)
+                self._sleep(delay, waker)
             except WorkerRejected as error:
                 if report["kind"] != "complete":
                     LOG.error("The worker refused the error report of job %s: %s", job_id, error)
@@ -1459,12 +1830,12 @@ def run_locally(job_type, input_params, settings, out=None, err=None):
     if reason:
         err.write("Error: job type %s cannot run here: %s\n" % (job_type, reason))
         return EXIT_FAILURE
-    waker = Waker()
     progress = JobProgress(settings.heartbeat_interval)
+    execution = make_execution(settings, job_type, input_params, progress)
     display = TerminalProgress(err, job_type)
-    pump = HeartbeatPump(progress, display, settings.heartbeat_interval, 0.1, waker.wake)
+    pump = HeartbeatPump(progress, display, settings.heartbeat_interval, 0.1, execution.waker.wake)
     pump.start()
-    report = JobExecution(handler, input_params, progress, waker).run(settings.job_timeout)
+    report = execution.run(settings.job_timeout)
     progress.finish()
     pump.join()
     display.finish(report["body"]["console_output"])
@@ -1498,6 +1869,9 @@ def build_parser():
     run.add_argument("--params", dest="params_json", metavar="JSON", help="parameters as a JSON object")
     run.add_argument("--params-file", metavar="FILE", help="a file holding parameters as a JSON object")
     add_setting_flags(run, RUN_SETTINGS, {"heartbeat_interval": RUN_HEARTBEAT_INTERVAL_S})
+    job_process = commands.add_parser(JOB_PROCESS_COMMAND)  # not listed: see ProcessJobExecution
+    job_process.add_argument("spec_path")
+    job_process.add_argument("channel_descriptor")
     return parser
 
 
@@ -1555,6 +1929,8 @@ def main(argv=None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
+        if args.command == JOB_PROCESS_COMMAND:
+            return serve_job_process(args.spec_path, args.channel_descriptor)
         if args.command == "run":
             return command_run(args, os.environ)
         return command_runner(args, os.environ)

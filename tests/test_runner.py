@@ -97,6 +97,7 @@ def test_queue_drains_with_one_poll_one_claim_and_one_report_per_job(worker, sta
     assert polls_before_last_report(worker) == 1
     assert worker.count("claim") == 20
     assert worker.count("complete") == 20
+    assert worker.count("heartbeat") == 0, "an instant job needs no heartbeat: the claim is fresh"
     order = [worker.job(j)["updated_at"] for j in jobs]
     assert order == sorted(order), "jobs must be taken oldest first"
 

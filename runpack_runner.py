@@ -135,6 +135,7 @@ SETTINGS = (
 SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
 RUNNER_SETTINGS = tuple(setting.name for setting in SETTINGS)
 RUN_SETTINGS = ("heartbeat_interval", "job_timeout", "in_process", "handlers")
+CHECK_SETTINGS = ("worker_url", "state_dir", "request_timeout", "handlers", "allow_insecure_http")
 RUN_HEARTBEAT_INTERVAL_S = 1.0  # `run` refreshes the terminal, not a worker: it can be quick
 
 
@@ -394,6 +395,9 @@ class WorkerClient:
 
     # -- the verbs
 
+    def health(self):
+        self._request("GET", "/health")
+
     def register(self, name, capabilities):
         body = self._request("POST", "/api/runner/register",
                              {"name": name, "capabilities": list(capabilities)})
@@ -591,6 +595,11 @@ class StateDirectory:
         stream.write(str(os.getpid()))
         stream.flush()
         self._lock_file = stream
+
+    def unlock(self):
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
 
     def load_identity(self):
         """The saved {runner_id, runner_name}, or None when absent or unreadable."""
@@ -1859,6 +1868,11 @@ def build_parser():
                     "SIGINT/SIGTERM finishes the running job and stops; a second one stops the job "
                     "now and reports it failed." % API_KEY_ENV)
     add_setting_flags(runner, RUNNER_SETTINGS)
+    check = commands.add_parser(
+        "check", help="say whether this machine can serve jobs, and what to fix if not",
+        description="Check the settings, the key, the worker and the job types; exit 0 only if "
+                    "the runner could serve.")
+    add_setting_flags(check, CHECK_SETTINGS)
     run = commands.add_parser(
         "run", help="run one job here, without a worker or key",
         description="Run one job locally and print its output JSON, e.g. "
@@ -1904,6 +1918,107 @@ def command_runner(args, environ):
         return EXIT_FAILURE
 
 
+class Checklist:
+    """The report of `check`: one line per item, and whether the runner could serve."""
+
+    def __init__(self, out):
+        self.out, self.problems = out, []
+
+    def line(self, label, text):
+        self.out.write("%-16s %s\n" % (label, text))
+
+    def problem(self, label, text):
+        self.line(label, "PROBLEM: " + text)
+        self.problems.append(label)
+
+
+def command_check(args, environ, out=None):
+    """What an operator runs first: can this runner serve, and if not, why and how to fix it."""
+    out = out or sys.stdout
+    checklist = Checklist(out)
+    settings = resolve_settings(args, CHECK_SETTINGS, environ)
+    checklist.line("Runpack runner", __version__)
+    checklist.line("Python", "%s (%s)" % (sys.version.split()[0], sys.executable))
+    checklist.line("Worker URL", settings.worker_url)
+    try:
+        worker_url = check_worker_url(settings.worker_url, settings.allow_insecure_http)
+    except ConfigurationError as error:
+        worker_url = None
+        checklist.problem("Worker URL", str(error))
+    state = StateDirectory(settings.state_dir)
+    identity = _check_state_directory(checklist, state)
+    api_key = environ.get(API_KEY_ENV, "").strip()
+    if api_key:
+        checklist.line("Runner key", "set (%s; %d characters)" % (API_KEY_ENV, len(api_key)))
+    else:
+        checklist.problem("Runner key", "%s is not set: export %s=<your runner key>" % (API_KEY_ENV, API_KEY_ENV))
+    if worker_url:
+        _check_worker(checklist, WorkerClient(worker_url, api_key or "-", settings.request_timeout),
+                      identity, bool(api_key))
+    try:
+        load_handler_modules(settings.handlers)
+    except ConfigurationError as error:
+        checklist.problem("Handlers", str(error))
+    serving = []
+    for name, handler in sorted(JOB_HANDLERS.items()):
+        reason = handler.unavailable_reason()
+        checklist.line("Job type", "%s: %s" % (name, "served" if reason is None else "NOT served: " + reason))
+        if reason is None:
+            serving.append(name)
+    if not serving:
+        checklist.problem("Job types", "this runner could serve none")
+    if checklist.problems:
+        checklist.line("Result", "NOT READY: fix %s" % ", ".join(checklist.problems))
+        return EXIT_FAILURE
+    checklist.line("Result", "ready to serve %s" % ", ".join(serving))
+    return EXIT_OK
+
+
+def _check_state_directory(checklist, state):
+    """Report the state directory and identity; returns the saved identity, if any."""
+    try:
+        state.prepare()
+        state.lock()
+        state.unlock()
+        checklist.line("State directory", "%s (writable)" % state.path)
+    except ConfigurationError as error:
+        checklist.problem("State directory", str(error))
+    except StateDirectoryBusy as error:
+        checklist.line("State directory", "%s: %s" % (state.path, error))
+    except OSError as error:
+        checklist.problem("State directory", "%s is not writable (%s)" % (state.path, error.strerror))
+    identity = state.load_identity()
+    if identity is None:
+        checklist.line("Identity", "none yet: the runner registers when it starts")
+    return identity
+
+
+def _check_worker(checklist, client, identity, key_is_set):
+    try:
+        started = time.monotonic()
+        client.health()
+        checklist.line("Worker", "reachable (%.0f ms)" % ((time.monotonic() - started) * 1000))
+    except WorkerError as error:
+        checklist.problem("Worker", "not reachable: %s" % error)
+        return
+    if not key_is_set:
+        return
+    runner_id = identity["runner_id"] if identity else "00000000-0000-4000-8000-000000000000"
+    try:
+        known = client.verify(runner_id)
+    except WorkerKeyRejected:
+        checklist.problem("Runner key", "the worker rejected it (401): check %s" % API_KEY_ENV)
+        return
+    except WorkerError as error:
+        checklist.problem("Runner key", "could not be checked: %s" % error)
+        return
+    checklist.line("Runner key", "accepted by the worker")
+    if identity:
+        checklist.line("Identity", "%s (id %s): %s" % (
+            identity["runner_name"], runner_id,
+            "known to the worker" if known else "unknown to the worker; registers again at start"))
+
+
 def command_run(args, environ):
     settings = resolve_settings(args, RUN_SETTINGS, environ, {"heartbeat_interval": RUN_HEARTBEAT_INTERVAL_S})
     load_handler_modules(settings.handlers)
@@ -1933,6 +2048,8 @@ def main(argv=None):
             return serve_job_process(args.spec_path, args.channel_descriptor)
         if args.command == "run":
             return command_run(args, os.environ)
+        if args.command == "check":
+            return command_check(args, os.environ)
         return command_runner(args, os.environ)
     except ConfigurationError as error:
         print("Error: %s" % error, file=sys.stderr)

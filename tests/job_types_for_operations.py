@@ -1,0 +1,68 @@
+"""Job types that misbehave on purpose: the runner's job isolation must contain them."""
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+import time
+
+import runpack_runner
+
+
+@runpack_runner.job_type("exit_hard")
+def exit_hard(input_params, heartbeat_callback):
+    os._exit(input_params.get("code", 3))
+
+
+@runpack_runner.job_type("segfault")
+def segfault(input_params, heartbeat_callback):
+    ctypes.string_at(0)
+
+
+@runpack_runner.job_type("killed")
+def killed(input_params, heartbeat_callback):
+    """As the kernel's OOM killer would do."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@runpack_runner.job_type("memory_hog")
+def memory_hog(input_params, heartbeat_callback):
+    hoard = bytearray(input_params.get("megabytes", 300) * 1024 * 1024)
+    for offset in range(0, len(hoard), 4096):
+        hoard[offset] = 1
+    return {"held_megabytes": len(hoard) // (1024 * 1024)}
+
+
+@runpack_runner.job_type("printer")
+def printer(input_params, heartbeat_callback):
+    heartbeat_callback(console_output="handler console line")
+    print("printed on stdout")
+    print("printed on stderr", file=sys.stderr)
+    logging.getLogger("some.library").warning("logged by a library")
+    return {"printed": 3}
+
+
+@runpack_runner.job_type("stubborn")
+def stubborn(input_params, heartbeat_callback):
+    """Never calls the callback and ignores SIGTERM: only SIGKILL ends it. Writes its pid first."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with open(input_params["pid_file"], "w") as stream:
+        stream.write(str(os.getpid()))
+    time.sleep(input_params.get("seconds", 60))
+    return {"finished": True}
+
+
+@runpack_runner.job_type("whoami")
+def whoami(input_params, heartbeat_callback):
+    return {"pid": os.getpid()}
+
+
+@runpack_runner.job_type("nap")
+def nap(input_params, heartbeat_callback):
+    """Sleeps quietly (SIGTERM ends it at once), after writing its pid where the test can see it."""
+    if "pid_file" in input_params:
+        with open(input_params["pid_file"], "w") as stream:
+            stream.write(str(os.getpid()))
+    time.sleep(input_params.get("seconds", 1))
+    return {"napped": input_params.get("seconds", 1)}

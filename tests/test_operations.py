@@ -1,0 +1,202 @@
+"""Job isolation, time limits, batch modes, concurrency and `check`: the real CLI against the fake worker."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import RUNNER_KEY, RUNNER_PY, TESTS, clean_environment, run_cli
+
+HANDLERS = ("--handlers", os.path.join(TESTS, "job_types_for_operations.py"))
+
+
+def status_of(worker, job_id):
+    return worker.job(job_id)["status"]
+
+
+def process_exists(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open("/proc/%d/stat" % pid) as stream:  # a zombie is as good as gone
+        return stream.read().split(")")[-1].split()[0] != "Z"
+
+
+def read_pid(path, timeout=15):
+    deadline = time.monotonic() + timeout
+    while not (os.path.exists(path) and open(path).read()):
+        assert time.monotonic() < deadline, "the job never wrote its pid"
+        time.sleep(0.02)
+    return int(open(path).read())
+
+
+def rss_mib(pid):
+    with open("/proc/%d/status" % pid) as stream:
+        for line in stream:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+
+
+@pytest.mark.parametrize("job_type, message", [
+    ("exit_hard", "Job execution failed: the job process exited with code 3 before reporting a result"),
+    ("segfault", "Job execution failed: the job process was killed by signal SIGSEGV"),
+    ("killed", "Job execution failed: the job process was killed by signal SIGKILL (out of memory?"),
+])
+def test_a_job_that_kills_its_process_fails_alone_and_the_runner_goes_on(worker, start_runner, job_type, message):
+    crash = worker.add_job(job_type, {})
+    after = worker.add_job("hello_world", {"name": "after", "processing_time": 0})
+    runner = start_runner(*HANDLERS)
+    worker.wait_until(lambda: status_of(worker, after) == "completed", timeout=20)
+    assert status_of(worker, crash) == "failed"
+    assert worker.job(crash)["error_message"].startswith(message)
+    assert runner.stop() == 0
+
+
+def test_a_memory_hungry_job_leaves_the_runner_at_its_idle_memory(worker, start_runner):
+    runner = start_runner(*HANDLERS)
+    worker.wait_until(lambda: worker.count("available") >= 1)
+    idle = rss_mib(runner.process.pid)
+    job_id = worker.add_job("memory_hog", {"megabytes": 300})
+    worker.wait_until(lambda: status_of(worker, job_id) == "completed", timeout=30)
+    assert worker.job(job_id)["output_data"] == {"held_megabytes": 300}
+    assert rss_mib(runner.process.pid) < idle + 10
+
+
+def test_what_the_job_process_prints_and_logs_lands_in_the_console(worker, start_runner):
+    job_id = worker.add_job("printer", {})
+    start_runner(*HANDLERS)
+    worker.wait_until(lambda: status_of(worker, job_id) == "completed")
+    console = worker.job(job_id)["console_output"]
+    assert console.startswith("handler console line\n[runpack: output of the job process]\n")
+    for text in ("printed on stdout", "printed on stderr", "WARNING: logged by a library"):
+        assert text in console
+
+
+def test_in_process_runs_jobs_in_the_runner_and_isolation_does_not(worker, start_runner, tmp_path):
+    isolated = worker.add_job("whoami", {"n": 1})
+    runner = start_runner(*HANDLERS)
+    worker.wait_until(lambda: status_of(worker, isolated) == "completed")
+    assert worker.job(isolated)["output_data"]["pid"] != runner.process.pid
+    assert runner.stop() == 0
+    threaded = worker.add_job("whoami", {"n": 2})
+    runner = start_runner(*HANDLERS, "--in-process", state_dir=tmp_path / "other")
+    worker.wait_until(lambda: status_of(worker, threaded) == "completed")
+    assert worker.job(threaded)["output_data"]["pid"] == runner.process.pid
+
+
+def test_the_time_limit_kills_a_job_that_ignores_sigterm(worker, start_runner, tmp_path):
+    pid_file = str(tmp_path / "stubborn.pid")
+    job_id = worker.add_job("stubborn", {"pid_file": pid_file, "seconds": 120})
+    runner = start_runner(*HANDLERS, "--job-timeout", "1")
+    pid = read_pid(pid_file)
+    worker.wait_until(lambda: status_of(worker, job_id) == "failed", timeout=20)
+    assert worker.job(job_id)["error_message"] == "Job execution failed: timed out after 1 s"
+    assert not process_exists(pid)
+    assert runner.stop() == 0
+
+
+def test_a_lost_claim_stops_the_job_process_and_the_runner_moves_on(worker, start_runner, tmp_path):
+    pid_file = str(tmp_path / "nap.pid")
+    lost = worker.add_job("nap", {"pid_file": pid_file, "seconds": 60})
+    runner = start_runner(*HANDLERS)
+    pid = read_pid(pid_file)
+    worker.wait_until(lambda: status_of(worker, lost) == "in_progress")
+    other = worker.register_runner("other")
+    worker.claim_for(lost, other)
+    worker.wait_until(lambda: not process_exists(pid), timeout=10, message="the job process lives on")
+    after = worker.add_job("hello_world", {"name": "next", "processing_time": 0})
+    worker.wait_until(lambda: status_of(worker, after) == "completed")
+    assert worker.job(lost)["claimed_by"] == other and worker.job(lost)["reports"] == []
+    assert "no longer claimed by this runner" in runner.output
+
+
+def test_a_second_signal_kills_the_job_process(worker, start_runner, tmp_path):
+    pid_file = str(tmp_path / "nap.pid")
+    job_id = worker.add_job("nap", {"pid_file": pid_file, "seconds": 60})
+    runner = start_runner(*HANDLERS)
+    pid = read_pid(pid_file)
+    runner.send(signal.SIGTERM)
+    runner.wait_for_output("finishing the running job")
+    runner.send(signal.SIGTERM)
+    assert runner.wait(timeout=15) == 128 + signal.SIGTERM
+    assert not process_exists(pid)
+    assert worker.job(job_id)["error_message"] == "runner was shut down while the job was running"
+
+
+def test_once_runs_one_job_and_exits_5(worker, start_runner):
+    first = worker.add_job("hello_world", {"name": "one", "processing_time": 0})
+    second = worker.add_job("hello_world", {"name": "two", "processing_time": 0})
+    runner = start_runner("--once")
+    assert runner.wait() == 5
+    assert status_of(worker, first) == "completed" and status_of(worker, second) == "pending"
+
+
+def test_max_jobs_runs_that_many_jobs_and_exits_5(worker, start_runner):
+    jobs = [worker.add_job("hello_world", {"name": "n%d" % i, "processing_time": 0}) for i in range(3)]
+    runner = start_runner("--max-jobs", "2")
+    assert runner.wait() == 5
+    assert [status_of(worker, j) for j in jobs] == ["completed", "completed", "pending"]
+
+
+def test_idle_timeout_exits_6_when_no_job_comes(worker, start_runner):
+    runner = start_runner("--idle-timeout", "1")
+    assert runner.wait() == 6
+    assert "no job for 1s (--idle-timeout)" in runner.output
+
+
+def test_max_uptime_finishes_the_running_job_then_exits_7(worker, start_runner):
+    running = worker.add_job("hello_world", {"name": "long", "processing_time": 2})
+    waiting = worker.add_job("hello_world", {"name": "waiting", "processing_time": 0})
+    runner = start_runner("--max-uptime", "1")
+    assert runner.wait() == 7
+    assert status_of(worker, running) == "completed" and status_of(worker, waiting) == "pending"
+
+
+def test_concurrency_runs_several_jobs_at_once_each_with_heartbeats(worker, start_runner):
+    jobs = [worker.add_job("nap", {"seconds": 2, "n": i}) for i in range(3)]
+    start_runner(*HANDLERS, "--concurrency", "3")
+    worker.wait_until(lambda: all(status_of(worker, j) == "in_progress" for j in jobs), timeout=15,
+                      message="three jobs were never in progress at the same time")
+    worker.wait_until(lambda: all(status_of(worker, j) == "completed" for j in jobs), timeout=15)
+    assert all(len(worker.job(j)["heartbeats"]) >= 1 for j in jobs)
+
+
+def test_check_says_what_is_missing_and_exits_1_without_a_key(worker, tmp_path):
+    result = run_cli("check", "--worker-url", worker.url, "--state-dir", str(tmp_path))
+    assert result.returncode == 1
+    assert "RUNPACK_RUNNER_API_KEY is not set" in result.stdout
+    assert "Worker           reachable" in result.stdout
+    assert "hello_world: served" in result.stdout
+    assert "NOT READY" in result.stdout
+
+
+def test_check_exits_0_when_the_runner_could_serve(worker, tmp_path):
+    result = run_cli("check", "--worker-url", worker.url, "--state-dir", str(tmp_path),
+                     env={"RUNPACK_RUNNER_API_KEY": RUNNER_KEY})
+    assert result.returncode == 0, result.stdout
+    assert "Runner key       accepted by the worker" in result.stdout
+    assert "Result           ready to serve" in result.stdout
+    assert RUNNER_KEY not in result.stdout + result.stderr
+    assert worker.count("register") == 0, "check must not register"
+
+
+def test_check_reports_a_rejected_key_and_an_unreachable_worker(worker, tmp_path):
+    rejected = run_cli("check", "--worker-url", worker.url, "--state-dir", str(tmp_path),
+                       env={"RUNPACK_RUNNER_API_KEY": "wrong-key"})
+    assert rejected.returncode == 1 and "the worker rejected it (401)" in rejected.stdout
+    worker.go_down()
+    unreachable = run_cli("check", "--worker-url", worker.url, "--state-dir", str(tmp_path),
+                          env={"RUNPACK_RUNNER_API_KEY": RUNNER_KEY, "RUNPACK_REQUEST_TIMEOUT": "2"})
+    assert unreachable.returncode == 1 and "Worker           PROBLEM: not reachable" in unreachable.stdout
+
+
+def test_check_says_why_a_job_type_is_not_served():
+    result = subprocess.run([sys.executable, "-S", RUNNER_PY, "check", "--worker-url", "http://127.0.0.1:9"],
+                            stdout=subprocess.PIPE, universal_newlines=True, env=clean_environment(),
+                            timeout=60)
+    assert ("figpack_nwb_raster_plot: NOT served: missing Python packages figpack, figpack_spike_sorting, "
+            "lindi (install them with: pip install 'runpack-runner[figpack]')") in result.stdout

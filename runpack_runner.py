@@ -1063,9 +1063,9 @@ class JobExecution:
     second shutdown signal. ``run`` returns the report, or None once the job is no longer
     ours. Subclasses decide where the handler runs: a thread, or a process of its own."""
 
-    def __init__(self, job_type, input_params, progress):
+    def __init__(self, job_type, input_params, progress, waker):
         self.job_type, self.input_params, self.progress = job_type, input_params, progress
-        self.waker = Waker()
+        self.waker = waker  # woken by the job's end, a lost claim and shutdown signals
         self.report = None
         self.done = False
 
@@ -1129,10 +1129,10 @@ class ProcessJobExecution(JobExecution):
     stopping the job kills the whole group. The process passes progress and its report
     as JSON lines on a pipe; whatever it prints lands in the job's console."""
 
-    def __init__(self, job_type, input_params, progress, handler_specs):
-        super().__init__(job_type, input_params, progress)
+    def __init__(self, job_type, input_params, progress, waker, handler_specs):
+        super().__init__(job_type, input_params, progress, waker)
         self.handler_specs = handler_specs
-        self.process = None
+        self.process = self.temporary_dir = None
 
     def start(self):
         import subprocess
@@ -1194,10 +1194,12 @@ class ProcessJobExecution(JobExecution):
     def stop(self):
         if self.process is None or self.process.poll() is not None:
             return
+        import subprocess
+
         _signal_group(self.process.pid, signal.SIGTERM)
         try:
             self.process.wait(JOB_STOP_GRACE_S)
-        except Exception:  # subprocess.TimeoutExpired
+        except subprocess.TimeoutExpired:
             _signal_group(self.process.pid, signal.SIGKILL)
             self.process.wait()
 
@@ -1216,7 +1218,8 @@ class ProcessJobExecution(JobExecution):
         if self.process is not None:
             _signal_group(self.process.pid, signal.SIGKILL)  # whatever the job left running
             self.process.stdout.close()
-        shutil.rmtree(self.temporary_dir, ignore_errors=True)
+        if self.temporary_dir:
+            shutil.rmtree(self.temporary_dir, ignore_errors=True)
 
 
 def _signal_group(pid, signum):
@@ -1369,10 +1372,10 @@ class WorkerHeartbeats:
         return ours
 
 
-def make_execution(settings, job_type, input_params, progress):
+def make_execution(settings, job_type, input_params, progress, waker):
     if settings.in_process or os.name != "posix":
-        return ThreadJobExecution(job_type, input_params, progress)
-    return ProcessJobExecution(job_type, input_params, progress, settings.handlers)
+        return ThreadJobExecution(job_type, input_params, progress, waker)
+    return ProcessJobExecution(job_type, input_params, progress, waker, settings.handlers)
 
 
 class Runner:
@@ -1468,8 +1471,8 @@ class Runner:
             except TransientWorkerError as error:
                 delay = backoff.next_delay(error)
                 LOG.warning("Cannot %s yet: %s; trying again in %.1fs", what, error, delay)
-                self._sleep(delay, self.waker)
-                if self.shutdown.graceful:
+                self._sleep(min(delay, self._time_to_next_limit()), self.waker)
+                if self.shutdown.graceful or self._idle_for_too_long() or not self._may_take_jobs():
                     raise RunnerStopped()
                 continue
             if backoff.failures:
@@ -1506,7 +1509,9 @@ class Runner:
             except WorkerError as error:
                 delay = failures.next_delay(error if isinstance(error, TransientWorkerError) else None)
                 LOG.warning("%s; trying again in %.1fs", error, delay)
-                self._sleep(delay, self.waker)
+                if self._idle_for_too_long():
+                    break
+                self._sleep(min(delay, self._time_to_next_limit()), self.waker)
                 continue
             if executed:
                 interval = self.settings.poll_interval
@@ -1648,8 +1653,7 @@ class Runner:
         LOG.info("Claimed job %s (%s)%s", job_id, record["job_type"],
                  "" if record["attempts"] == 1 else ", attempt %d" % record["attempts"])
         progress = JobProgress(self.settings.heartbeat_interval)
-        execution = make_execution(self.settings, record["job_type"], record["input_params"], progress)
-        execution.waker = waker
+        execution = make_execution(self.settings, record["job_type"], record["input_params"], progress, waker)
         heartbeats = HeartbeatPump(progress, WorkerHeartbeats(self.client, record, self._secret),
                                    self.settings.heartbeat_interval,
                                    HEARTBEAT_MIN_GAP_S * self.settings.concurrency, waker.wake)
@@ -1840,9 +1844,10 @@ def run_locally(job_type, input_params, settings, out=None, err=None):
         err.write("Error: job type %s cannot run here: %s\n" % (job_type, reason))
         return EXIT_FAILURE
     progress = JobProgress(settings.heartbeat_interval)
-    execution = make_execution(settings, job_type, input_params, progress)
+    waker = Waker()
+    execution = make_execution(settings, job_type, input_params, progress, waker)
     display = TerminalProgress(err, job_type)
-    pump = HeartbeatPump(progress, display, settings.heartbeat_interval, 0.1, execution.waker.wake)
+    pump = HeartbeatPump(progress, display, settings.heartbeat_interval, 0.1, waker.wake)
     pump.start()
     report = execution.run(settings.job_timeout)
     progress.finish()

@@ -200,3 +200,23 @@ def test_check_says_why_a_job_type_is_not_served():
                             timeout=60)
     assert ("figpack_nwb_raster_plot: NOT served: missing Python packages figpack, figpack_spike_sorting, "
             "lindi (install them with: pip install 'runpack-runner[figpack]')") in result.stdout
+
+
+def test_many_jobs_leave_no_file_descriptors_or_processes_behind(worker, start_runner):
+    runner = start_runner()
+    worker.wait_until(lambda: worker.count("available") >= 1)
+    descriptors_idle = len(os.listdir("/proc/%d/fd" % runner.process.pid))
+    jobs = [worker.add_job("hello_world", {"name": "n%d" % i, "processing_time": 0}) for i in range(30)]
+    worker.wait_until(lambda: all(status_of(worker, j) == "completed" for j in jobs), timeout=60)
+    worker.wait_until(lambda: worker.count("available") >= 3)  # idle again
+    assert len(os.listdir("/proc/%d/fd" % runner.process.pid)) <= descriptors_idle
+    children = subprocess.run(["ps", "--ppid", str(runner.process.pid), "-o", "pid="],
+                              stdout=subprocess.PIPE, universal_newlines=True).stdout.split()
+    assert children == []
+
+
+def test_idle_timeout_also_ends_a_runner_that_cannot_reach_the_worker(worker, start_runner):
+    worker.go_down()
+    runner = start_runner("--idle-timeout", "1")
+    assert runner.wait() == 6
+    assert "Cannot register with the worker yet" in runner.output

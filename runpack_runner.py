@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 __license__ = "Apache-2.0"
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -257,16 +258,30 @@ def js_length(text):
     return len(text.encode("utf-16-le", "surrogatepass")) // 2
 
 
+def _utf16_slice(text, units, from_end):
+    """The longest start (or end) of ``text`` that is at most ``units`` UTF-16 code units,
+    never splitting a surrogate pair."""
+    if text.isascii():
+        return text[len(text) - units:] if from_end else text[:units]
+    encoded = text.encode("utf-16-le", "surrogatepass")
+    if from_end:
+        part = encoded[len(encoded) - 2 * units:]
+        if part and 0xDC <= part[1] <= 0xDF:  # begins with the second half of a pair
+            part = part[2:]
+    else:
+        part = encoded[:2 * units]
+        if part and 0xD8 <= part[-1] <= 0xDB:  # ends with the first half of a pair
+            part = part[:-2]
+    return part.decode("utf-16-le", "surrogatepass")
+
+
 def keep_console_tail(console, limit=CONSOLE_LIMIT):
     """The end of the console that fits the worker's limit, after a line saying what was cut."""
     if js_length(console) <= limit:
         return console
     marker = "[runpack: %d earlier characters of console output were dropped]\n"
-    budget = limit - len(marker % len(console))
-    keep = budget
-    while js_length(console[-keep:]) > budget:
-        keep -= max(1, js_length(console[-keep:]) - budget)
-    return marker % (len(console) - keep) + console[-keep:]
+    tail = _utf16_slice(console, limit - len(marker % len(console)), from_end=True)
+    return marker % (len(console) - len(tail)) + tail
 
 
 def trim_error_message(message, limit=ERROR_MESSAGE_LIMIT):
@@ -274,10 +289,7 @@ def trim_error_message(message, limit=ERROR_MESSAGE_LIMIT):
     if js_length(message) <= limit:
         return message
     suffix = " [truncated]"
-    keep = limit - len(suffix)
-    while js_length(message[:keep]) > limit - len(suffix):
-        keep -= max(1, js_length(message[:keep]) - (limit - len(suffix)))
-    return message[:keep] + suffix
+    return _utf16_slice(message, limit - len(suffix), from_end=False) + suffix
 
 
 def redact(text, secret):
@@ -401,27 +413,27 @@ class WorkerClient:
     def register(self, name, capabilities):
         body = self._request("POST", "/api/runner/register",
                              {"name": name, "capabilities": list(capabilities)})
-        return self._field(body, "runner_id", str, "register")
+        return self._expect(body, "runner_id", str, "register")
 
     def verify(self, runner_id):
         """True when the worker knows this runner id, False when it answers 404."""
         try:
-            self._request("GET", "/api/runner/verify", runner_id=runner_id)
-            return True
+            body = self._request("GET", "/api/runner/verify", runner_id=runner_id)
         except WorkerRejected as rejected:
             if rejected.status == 404:
                 return False
             raise
+        return self._expect(body, "exists", True, "verify")
 
     def available(self, job_types):
         query = urllib.parse.urlencode([("types[]", job_type) for job_type in job_types])
         body = self._request("GET", "/api/runner/jobs/available?" + query, runner_id=self.runner_id)
-        jobs = self._field(body, "jobs", list, "available")
+        jobs = self._expect(body, "jobs", list, "available")
         for job in jobs:
             if not (isinstance(job, dict) and isinstance(job.get("job_id"), str)
                     and isinstance(job.get("job_type"), str)
                     and isinstance(job.get("input_params", {}), dict)):
-                raise TransientWorkerError("malformed job in the available list: %.200r" % (job,))
+                raise TransientWorkerError(self._clean("malformed job in the available list: %.200r" % (job,)))
         return jobs
 
     def claim(self, job_id):
@@ -432,8 +444,8 @@ class WorkerClient:
             if rejected.status == 409:
                 return None
             raise
-        job = body.get("job")
-        return job if isinstance(job, dict) else {}
+        self._expect(body, "success", True, "claim")
+        return self._expect(body, "job", dict, "claim")
 
     def heartbeat(self, job_id, progress_current, progress_total, console_output, runner_id=None):
         """True while the job is still ours; False once the worker says it is not."""
@@ -449,13 +461,13 @@ class WorkerClient:
 
     def _job_request(self, job_id, action, body, runner_id, timeout=None):
         try:
-            self._request("POST", "/api/runner/jobs/%s/%s" % (job_id, action), body,
-                          runner_id=runner_id or self.runner_id, timeout=timeout)
-            return True
+            answer = self._request("POST", "/api/runner/jobs/%s/%s" % (job_id, action), body,
+                                   runner_id=runner_id or self.runner_id, timeout=timeout)
         except WorkerRejected as rejected:
             if rejected.status == 400 and NOT_CLAIMED_BY_US in str(rejected):
                 return False
             raise
+        return self._expect(answer, "success", True, action)
 
     def _request(self, method, path, body=None, runner_id=None, timeout=None):
         headers = {"Authorization": "Bearer " + self._api_key, "Accept": "application/json",
@@ -487,31 +499,36 @@ class WorkerClient:
             body = None
         message = _answer_message(body)
         if 300 <= status < 400:
-            raise TransientWorkerError(
+            raise TransientWorkerError(self._clean(
                 "%s: the worker answered %d with a redirect to %s; redirects are not followed, so "
-                "that the key only goes to %s" % (where, status, _origin(location), self.base_url),
-                status)
+                "that the key only goes to %s" % (where, status, _origin(location), self.base_url)), status)
         if status == 429:
             reset_ms = body.get("resetTime") if isinstance(body, dict) else None
             wait = max(0.0, reset_ms / 1000.0 - time.time()) if isinstance(reset_ms, (int, float)) else None
             raise TransientWorkerError("%s: rate limited by the worker" % where, status, wait)
         if status >= 500 or status == 408:
-            raise TransientWorkerError("%s: worker error %d %s" % (where, status, message), status)
+            raise TransientWorkerError(self._clean("%s: worker error %d %s" % (where, status, message)), status)
         if status == 401:
-            raise WorkerKeyRejected("%s: the worker rejected the runner key (%s)" % (where, message), status)
+            raise WorkerKeyRejected(self._clean("%s: the worker rejected the runner key (%s)"
+                                                % (where, message)), status)
         if status >= 400:
-            raise WorkerRejected("%s: %d %s" % (where, status, message), status)
+            raise WorkerRejected(self._clean("%s: %d %s" % (where, status, message)), status)
         if not isinstance(body, dict):
-            raise TransientWorkerError("%s: the worker's answer is not a JSON object: %.80r" % (where, raw),
-                                       status)
+            raise TransientWorkerError(self._clean("%s: the worker's answer is not a JSON object: %.80r"
+                                                   % (where, raw)), status)
         return body
 
-    @staticmethod
-    def _field(body, name, kind, where):
+    def _expect(self, body, name, kind, where):
+        """``body[name]``, which must be of type ``kind`` (or be ``True``, when kind is True)."""
         value = body.get(name)
-        if not isinstance(value, kind):
-            raise TransientWorkerError("%s: the worker's answer has no valid %r: %.200r" % (where, name, body))
+        if value is not True if kind is True else not isinstance(value, kind):
+            raise TransientWorkerError(self._clean("%s: the worker's answer has no valid %r: %.200r"
+                                                   % (where, name, body)))
         return value
+
+    def _clean(self, text):
+        """Text built from the worker's answers, without the key should an answer echo it."""
+        return redact(text, self._api_key)
 
 
 def _reason(error):
@@ -641,7 +658,10 @@ class StateDirectory:
                 continue
             path = os.path.join(self.jobs_path, name)
             try:
-                records.append(_read_json(path))
+                record = _read_json(path)
+                if not isinstance(record, dict) or not isinstance(record.get("job_id"), str):
+                    raise ValueError("not a job record")
+                records.append(record)
             except (OSError, ValueError) as error:
                 LOG.warning("Job record %s is unreadable (%s); moved aside as %s.bad", path, error, name)
                 os.replace(path, path + ".bad")
@@ -830,6 +850,15 @@ def _required_string(input_params, name):
     return value
 
 
+def _is_http_url(text):
+    try:
+        parts = urllib.parse.urlsplit(text)
+        parts.port  # raises ValueError on a bad port
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and "://" in text
+
+
 def _optional_string(input_params, name):
     value = input_params.get(name)
     if value is not None and not isinstance(value, str):
@@ -851,7 +880,7 @@ class FigpackRasterPlotJob(JobHandler):
 
     def execute(self, input_params, heartbeat_callback):
         nwb_url = _required_string(input_params, "nwb_url")
-        if urllib.parse.urlsplit(nwb_url).scheme not in ("http", "https") or "://" not in nwb_url:
+        if not _is_http_url(nwb_url):
             raise ValueError("nwb_url must be an http:// or https:// URL")
         units_path = _required_string(input_params, "units_path")
         if not units_path.startswith("/"):
@@ -866,15 +895,19 @@ class FigpackRasterPlotJob(JobHandler):
 
         say("Loading NWB file from: %s" % nwb_url)
         say("Units path: %s" % units_path)
-        from figpack_spike_sorting.views import RasterPlot
-
-        view = RasterPlot.from_nwb_units_table(nwb_url, units_path=units_path)
-        say("Successfully created RasterPlot view")
-        say("Uploading raster plot to figurl...")
         identity = {"nwb_url": nwb_url, "units_path": units_path, "dandiset_id": dandiset_id,
                     "neurosift_url": neurosift_url}
-        figpack_url = view.show(title="Raster plot: %s" % units_path, description=json.dumps(identity),
-                                upload=True, wait_for_input=False, open_in_browser=False)
+        try:
+            from figpack_spike_sorting.views import RasterPlot
+
+            view = RasterPlot.from_nwb_units_table(nwb_url, units_path=units_path)
+            say("Successfully created RasterPlot view")
+            say("Uploading raster plot to figurl...")
+            figpack_url = view.show(title="Raster plot: %s" % units_path,
+                                    description=json.dumps(identity), upload=True,
+                                    wait_for_input=False, open_in_browser=False)
+        except ValueError as error:  # from figpack or the data, not from our parameters
+            raise RuntimeError("%s: %s" % (type(error).__name__, error)) from error
         if not isinstance(figpack_url, str) or not figpack_url.endswith("/index.html"):
             # The worker re-validates a cached result by fetching .../figpack.json in place of
             # index.html; any other URL would make the result count as expired at once.
@@ -1273,8 +1306,15 @@ def _exit_with_parent(parent_pid):
     os._exit(EXIT_FAILURE)
 
 
+def _cancel_on_sigterm(signum, frame):
+    raise JobCancelled("stopped by the runner")
+
+
 def serve_job_process(spec_path, channel_descriptor):
-    """The job process: run one handler, pass progress and the report to the runner."""
+    """The job process: run one handler, pass progress and the report to the runner.
+    SIGTERM (the runner stopping the job) raises JobCancelled in the handler, so that its
+    ``finally`` blocks run; SIGKILL follows if it does not end."""
+    signal.signal(signal.SIGTERM, _cancel_on_sigterm)
     parent_pid = os.getppid()
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, datefmt=LOG_DATE_FORMAT)
@@ -1762,7 +1802,7 @@ class TerminalProgress:
     def __init__(self, stream, job_type):
         self._stream, self._job_type = stream, job_type
         self._is_terminal = stream.isatty()
-        self._lines_shown = 0
+        self._lines_shown = [0, 0]  # of the handler's console, of the job process's output
         self._bar_shown = False
         self._started = time.monotonic()
         self._lock = threading.Lock()
@@ -1782,13 +1822,17 @@ class TerminalProgress:
             self._stream.flush()
 
     def _show_new_lines(self, console_output):
+        """Print the lines not shown yet, of the handler's console and of the process output
+        apart: the handler may add lines above the process output as the job goes on."""
         if self._bar_shown:
             self._stream.write("\r\033[K")
             self._bar_shown = False
-        lines = console_output.splitlines()
-        for line in lines[self._lines_shown:]:
-            self._stream.write(line + "\n")
-        self._lines_shown = max(self._lines_shown, len(lines))
+        handler_console, _, process_output = console_output.partition(PROCESS_OUTPUT_MARKER + "\n")
+        for part, text in enumerate((handler_console, process_output)):
+            lines = text.splitlines()
+            for line in lines[self._lines_shown[part]:]:
+                self._stream.write(line + "\n")
+            self._lines_shown[part] = max(self._lines_shown[part], len(lines))
 
     def _bar(self, current, total):
         elapsed = "%.0fs" % (time.monotonic() - self._started)
@@ -1849,9 +1893,10 @@ def run_locally(job_type, input_params, settings, out=None, err=None):
     display = TerminalProgress(err, job_type)
     pump = HeartbeatPump(progress, display, settings.heartbeat_interval, 0.1, waker.wake)
     pump.start()
-    report = execution.run(settings.job_timeout)
-    progress.finish()
-    pump.join()
+    with contextlib.redirect_stdout(err):  # stdout is for the output JSON (matters --in-process)
+        report = execution.run(settings.job_timeout)
+        progress.finish()
+        pump.join()
     display.finish(report["body"]["console_output"])
     if report["kind"] == "complete":
         out.write(json.dumps(report["body"]["output_data"], indent=2) + "\n")

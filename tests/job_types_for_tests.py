@@ -84,3 +84,37 @@ class Countdown(runpack_runner.JobHandler):
 
 
 EXTRA_JOB_TYPES = {"countdown": Countdown}
+
+
+@runpack_runner.job_type("counted_sleep")
+def counted_sleep(input_params, heartbeat_callback):
+    """Appends a line to the file ``marker`` each time it starts, then sleeps without calling
+    heartbeat_callback: tests count how often a job's handler was started."""
+    with open(input_params["marker"], "a") as stream:
+        stream.write("started in pid %d\n" % os.getpid())
+    time.sleep(input_params.get("seconds", 1))
+    return {"slept": input_params.get("seconds", 1)}
+
+
+@runpack_runner.job_type("cancel_witness")
+def cancel_witness(input_params, heartbeat_callback):
+    """Writes "pid <pid>" to ``marker``, then loops calling the callback; when that raises
+    JobCancelled, appends "cancelled: <reason>" to ``marker``."""
+    with open(input_params["marker"], "a") as stream:
+        stream.write("pid %d\n" % os.getpid())
+    deadline = time.monotonic() + input_params.get("seconds", 30)
+    try:
+        while time.monotonic() < deadline:
+            heartbeat_callback(console_output="working")
+            time.sleep(0.05)
+    except runpack_runner.JobCancelled as cancelled:
+        with open(input_params["marker"], "a") as stream:
+            stream.write("cancelled: %s\n" % cancelled)
+        raise
+    return {"finished": True}
+
+
+@runpack_runner.job_type("long_emoji_error")
+def long_emoji_error(input_params, heartbeat_callback):
+    """An error message of characters outside the BMP, which JavaScript counts twice."""
+    raise RuntimeError("\U0001F600" * input_params["characters"])

@@ -1,0 +1,316 @@
+#!/usr/bin/env python3
+"""Benchmarks of the Runpack runner, run by hand: ``python3 scripts/benchmark.py COMMAND``.
+
+Commands:
+  figpack   the figpack_nwb_raster_plot job type: real figpack + lindi, called directly in a fresh
+            interpreter versus run as a job by the real runner CLI against the fake worker; wall
+            time and the runner's memory. Needs the figpack extra and h5py.
+
+Every server involved (the fake worker, the NWB Range server, the figpack API stand-in from
+tests/) listens on 127.0.0.1 only; nothing leaves the machine. This file uses the standard
+library only at import time: a command imports what it needs when it runs. More commands are
+added with another ``add_parser`` in ``build_parser`` and a ``command_*`` function.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(REPO, "tests")
+RUNNER_PY = os.path.join(REPO, "runpack_runner.py")
+
+
+# ---- shared helpers ----------------------------------------------------------------------------
+
+def proc_status_kib(pid, field):
+    """A ``kB`` field of /proc/<pid>/status (VmRSS, VmHWM, ...) in KiB, or None off Linux."""
+    try:
+        with open("/proc/%d/status" % pid) as stream:
+            for line in stream:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def children_of(pid):
+    """The pids of the live child processes of ``pid`` (Linux /proc; empty elsewhere)."""
+    children = []
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return children
+    for name in names:
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name) as stream:
+                fields = stream.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            children.append(int(name))
+    return children
+
+
+def mib(kib):
+    return "-" if kib is None else "%.0f MiB" % (kib / 1024.0)
+
+
+def seconds(value):
+    return "-" if value is None else "%.2f s" % value
+
+
+def median(values):
+    values = [value for value in values if value is not None]
+    return statistics.median(values) if values else None
+
+
+def wait_for(predicate, timeout, what, step=0.005, describe=None):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError("timed out after %ss waiting for %s%s"
+                               % (timeout, what, "\n" + describe() if describe else ""))
+        time.sleep(step)
+
+
+def tail(path, size=4000):
+    with open(path, encoding="utf-8", errors="replace") as stream:
+        return stream.read()[-size:]
+
+
+def print_table(header, rows, left=(0,)):
+    """A plain-text table; the columns numbered in ``left`` are left-aligned, the others right."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    for row in [header, ["-" * width for width in widths]] + rows:
+        print("  ".join(str(cell).ljust(width) if i in left else str(cell).rjust(width)
+                        for i, (cell, width) in enumerate(zip(row, widths))))
+
+
+# ---- figpack -----------------------------------------------------------------------------------
+
+FIGPACK_JOB_TYPE = "figpack_nwb_raster_plot"
+FIGPACK_KEY = "benchmark-figpack-key"
+RUNNER_MODES = {"runner": (), "runner --in-process": ("--in-process",)}  # job process / thread
+RUNNER_FLAGS = ("--poll-interval", "0.05", "--poll-interval-step", "0", "--poll-interval-max", "0.05",
+                "--heartbeat-interval", "0.5", "--request-timeout", "10", "--retry-max", "0.5")
+
+
+def figpack_environment(api_url, tmpdir):
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("RUNPACK_", "FIGPACK_")) and key.lower() not in (
+               "http_proxy", "https_proxy", "all_proxy")}
+    env.update(FIGPACK_API_KEY=FIGPACK_KEY, FIGPACK_API_BASE_URL=api_url, NO_PROXY="127.0.0.1,localhost",
+               no_proxy="127.0.0.1,localhost", TMPDIR=tmpdir, PYTHONDONTWRITEBYTECODE="1")
+    return env
+
+
+def figpack_direct(fixtures, nwb_url, api, tmpdir):
+    """figpack called directly: a fresh interpreter runs from_nwb_units_table + show(upload=True)."""
+    run = fixtures.run_raster_subprocess(nwb_url, api.url, units_path="/units", title="Raster plot: /units",
+                                         description="benchmark", api_key=FIGPACK_KEY, tmpdir=tmpdir,
+                                         timeout=600)
+    if run["returncode"] != 0 or not run["result"]:
+        raise RuntimeError("direct figpack run failed:\n%s" % run["stderr"][-3000:])
+    result = run["result"]
+    return {"wall_s": run["elapsed_s"], "url": result["url"], "maxrss_kib": result["maxrss_kb"],
+            "import_s": result["import_s"], "read_s": result["read_s"], "show_s": result["show_s"]}
+
+
+def figpack_through_runner(fake_worker, nwb_url, api, tmpdir, label, mode_flags=(), args_timeout=600):
+    """The same work as a job: a fresh runner process, idle first, then the job added at the worker.
+    Wall time runs from add_job to the worker holding the completed result. While the job runs, the
+    peak RSS (VmHWM) of the runner's child processes (the job process) is sampled."""
+    state = tempfile.mkdtemp(prefix="runner-", dir=tmpdir)
+    job_tmp = os.path.join(state, "tmp")
+    os.mkdir(job_tmp)
+    env = figpack_environment(api.url, job_tmp)
+    env["RUNPACK_RUNNER_API_KEY"] = fake_worker.RUNNER_KEY
+    with fake_worker.FakeWorker(rate_limit=10 ** 6) as worker:
+        log_path = os.path.join(state, "runner.out")
+        with open(log_path, "wb") as log:
+            process = subprocess.Popen([sys.executable, RUNNER_PY, "runner", "--worker-url", worker.url,
+                                        "--state-dir", state] + list(RUNNER_FLAGS) + list(mode_flags),
+                                       env=env, cwd=state, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: worker.count("available") >= 5, 30, "the runner's first polls",
+                     describe=lambda: tail(log_path))
+            time.sleep(0.3)
+            rss_idle = proc_status_kib(process.pid, "VmRSS")
+            # distinct parameters on every run: the worker would otherwise hand back the known job
+            params = {"nwb_url": nwb_url, "units_path": "/units", "dandiset_id": label}
+            started = time.monotonic()
+            job_id = worker.add_job(FIGPACK_JOB_TYPE, params)
+            child_peaks = {}
+
+            def job_done():
+                if worker.job(job_id)["status"] in ("completed", "failed"):
+                    return True
+                for child in children_of(process.pid):
+                    peak = proc_status_kib(child, "VmHWM")
+                    if peak is not None:
+                        child_peaks[child] = max(peak, child_peaks.get(child, 0))
+                return False
+
+            wait_for(job_done, args_timeout, "the job", describe=lambda: tail(log_path) + "\n" + worker.describe())
+            wall = time.monotonic() - started
+            rss_after = proc_status_kib(process.pid, "VmRSS")
+            rss_peak = proc_status_kib(process.pid, "VmHWM")
+            job = worker.job(job_id)
+            if job["status"] != "completed":
+                raise RuntimeError("the job failed: %s\n%s" % (job["error_message"], job["console_output"]))
+            process.send_signal(signal.SIGTERM)
+            exit_code = process.wait(60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    with open(log_path, encoding="utf-8", errors="replace") as stream:
+        output = stream.read()
+    found = re.search(r"Job %s completed in ([\d.]+)s" % re.escape(job_id), output)
+    shutil.rmtree(state, ignore_errors=True)
+    if exit_code != 0:
+        raise RuntimeError("the runner exited %s:\n%s" % (exit_code, output[-3000:]))
+    return {"wall_s": wall, "url": job["output_data"]["figpack_url"],
+            "runner_says_s": float(found.group(1)) if found else None,
+            "heartbeats": len(job["heartbeats"]),
+            "rss_idle_kib": rss_idle, "rss_after_kib": rss_after, "rss_peak_kib": rss_peak,
+            "job_process_peak_kib": max(child_peaks.values()) if child_peaks else None}
+
+
+def check_upload(fixtures, api, url, table):
+    meta = fixtures.read_raster_metadata(api.files_for(url))
+    if meta["unit_ids"] != table["unit_ids"] or meta["total_spikes"] != table["total_spikes"]:
+        raise RuntimeError("the uploaded raster plot at %s does not match the table" % url)
+
+
+def command_figpack(args):
+    sys.path.insert(0, TESTS)
+    try:
+        import fake_worker
+        import figpack_fixtures as fixtures
+        import figpack_spike_sorting  # noqa: F401  (only to fail early)
+        import h5py  # noqa: F401
+        import lindi  # noqa: F401
+    except ImportError as error:
+        print("Error: %s; install the figpack extra and h5py: pip install '.[figpack]' h5py" % error,
+              file=sys.stderr)
+        return 2
+    workdir = tempfile.mkdtemp(prefix="runpack-bench-")
+    try:
+        data = os.path.join(workdir, "data")
+        os.mkdir(data)
+        tables = [
+            ("small", fixtures.make_units_nwb(os.path.join(data, "small.nwb"), n_units=args.small_units,
+                                              spikes_per_unit=args.small_spikes, seed=1)),
+            ("large", fixtures.make_units_nwb(os.path.join(data, "large.nwb"), n_units=args.large_units,
+                                              spikes_per_unit=args.large_spikes, seed=2)),
+        ]
+        print("figpack_nwb_raster_plot: %d repetitions, Python %s, %d CPUs" % (
+            args.repeat, sys.version.split()[0], os.cpu_count() or 0))
+        results = {}
+        with fixtures.RangeFileServer(data) as nwb_server, \
+                fixtures.FigpackApiStandIn(expected_api_key=FIGPACK_KEY) as api:
+            # one untimed run first, so that the first timed one does not pay for a cold disk cache
+            figpack_direct(fixtures, nwb_server.url_for("small.nwb"), api, workdir)
+            for name, table in tables:
+                url = nwb_server.url_for(os.path.basename(table["path"]))
+                runs = results[name] = {"table": table, "direct": []}
+                runs.update((mode, []) for mode in RUNNER_MODES)
+                for repetition in range(args.repeat):
+                    direct = figpack_direct(fixtures, url, api, workdir)
+                    check_upload(fixtures, api, direct["url"], table)
+                    runs["direct"].append(direct)
+                    print("  %s #%d direct: %s (import %.2f s, read %.2f s, show %.2f s), peak RSS %s" % (
+                        name, repetition + 1, seconds(direct["wall_s"]), direct["import_s"], direct["read_s"],
+                        direct["show_s"], mib(direct["maxrss_kib"])))
+                    for mode, flags in RUNNER_MODES.items():
+                        job = figpack_through_runner(fake_worker, url, api, workdir,
+                                                     "%s-%s-%d" % (name, mode, repetition), flags)
+                        check_upload(fixtures, api, job["url"], table)
+                        runs[mode].append(job)
+                        print("  %s #%d %s: %s (its log: %s, %d heartbeats), runner RSS idle %s, after %s, "
+                              "peak %s; job process peak %s" % (
+                                  name, repetition + 1, mode, seconds(job["wall_s"]), seconds(job["runner_says_s"]),
+                                  job["heartbeats"], mib(job["rss_idle_kib"]), mib(job["rss_after_kib"]),
+                                  mib(job["rss_peak_kib"]), mib(job["job_process_peak_kib"])))
+                    sys.stdout.flush()
+        print()
+        rows = []
+        for name, runs in results.items():
+            table = runs["table"]
+            direct = median(run["wall_s"] for run in runs["direct"])
+            rows.append([name, "%d" % table["n_units"], "{:,}".format(table["total_spikes"]), "direct",
+                         seconds(direct), "1.00", "-", "-", "-", "-", mib(median(run["maxrss_kib"]
+                                                                             for run in runs["direct"]))])
+            for mode in RUNNER_MODES:
+                jobs = runs[mode]
+                wall = median(job["wall_s"] for job in jobs)
+                job_peak = median(job["job_process_peak_kib"] for job in jobs)
+                rows.append([
+                    "", "", "", mode, seconds(wall), "%.2f" % (wall / direct),
+                    seconds(median(job["runner_says_s"] for job in jobs)),
+                    mib(median(job["rss_idle_kib"] for job in jobs)),
+                    mib(median(job["rss_after_kib"] for job in jobs)),
+                    mib(median(job["rss_peak_kib"] for job in jobs)),
+                    mib(job_peak) if job_peak else "(in runner)",
+                ])
+        print_table(["table", "units", "spikes", "how", "wall", "ratio", "runner log", "runner RSS idle",
+                     "after", "peak", "job peak RSS"], rows, left=(0, 3))
+        print("\nMedians of %d runs. direct: a fresh `python3 -c` doing from_nwb_units_table + show(upload=True), "
+              "its peak RSS from ru_maxrss. runner: from add_job at the fake worker until the worker holds "
+              "the completed result (the runner polls every 0.05 s), each run with a fresh runner process; "
+              "runner log: the runner's own \"Job ... completed in X s\"; runner RSS from /proc (VmRSS idle "
+              "before the job and after it, peak VmHWM); job peak RSS: VmHWM of the job process, sampled."
+              % args.repeat)
+        if args.json:
+            with open(args.json, "w") as stream:
+                json.dump({name: dict(runs, table={k: v for k, v in runs["table"].items() if k != "unit_ids"})
+                           for name, runs in results.items()}, stream, indent=2)
+            print("raw figures written to %s" % args.json)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="benchmark.py", description="Benchmarks of the Runpack runner.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    figpack = commands.add_parser(
+        "figpack", help="the figpack_nwb_raster_plot job: direct figpack versus through the runner",
+        description="Time a raster plot of a small and a large units table, made by figpack directly "
+                    "and as a job of the real runner against the fake worker, all on 127.0.0.1.")
+    figpack.add_argument("--repeat", type=int, default=3, help="runs of each kind per table (default 3)")
+    figpack.add_argument("--small-units", type=int, default=20)
+    figpack.add_argument("--small-spikes", type=int, default=200, help="spikes per unit of the small table")
+    figpack.add_argument("--large-units", type=int, default=300)
+    figpack.add_argument("--large-spikes", type=int, default=6700, help="spikes per unit of the large table")
+    figpack.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
+    figpack.set_defaults(func=command_figpack)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

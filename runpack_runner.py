@@ -302,7 +302,7 @@ def timestamped(line):
 
 
 class Waker:
-    """Lets a signal handler or another thread cut the main thread's wait short.
+    """Lets a signal handler or another thread cut a thread's wait short.
 
     A socket pair rather than threading.Event: writing a byte is safe inside a signal
     handler, while Event.set() can deadlock if the signal lands inside Event's own lock.
@@ -662,6 +662,8 @@ class StateDirectory:
                 if not isinstance(record, dict) or not isinstance(record.get("job_id"), str):
                     raise ValueError("not a job record")
                 records.append(record)
+            except FileNotFoundError:  # settled by a job slot meanwhile
+                continue
             except (OSError, ValueError) as error:
                 LOG.warning("Job record %s is unreadable (%s); moved aside as %s.bad", path, error, name)
                 os.replace(path, path + ".bad")
@@ -688,9 +690,11 @@ def new_runner_name():
 
 # ---- Job handlers: the JobHandler interface and the registry ------------------
 
-class JobCancelled(Exception):
-    """Raised by heartbeat_callback once the runner has given the job up (claim lost,
-    time limit, shutdown): the handler should stop, its result would be discarded."""
+class JobCancelled(BaseException):
+    """The runner has given the job up (claim lost, time limit, shutdown): the handler
+    should stop, its result would be discarded. In a job process it is raised wherever the
+    handler is when the runner's SIGTERM arrives; with --in-process, by heartbeat_callback.
+    A BaseException, like KeyboardInterrupt, so that ``except Exception`` does not swallow it."""
 
 
 class JobHandler:
@@ -699,9 +703,8 @@ class JobHandler:
     ``execute(input_params, heartbeat_callback) -> dict`` returns the job's output; a
     ``console_output`` key in it becomes the final console. Raise ValueError for invalid
     parameters. ``heartbeat_callback(progress_current=..., progress_total=...,
-    console_output=...)`` records progress and the whole console so far; it raises
-    JobCancelled once the job was given up, and ``heartbeat_callback.cancelled`` says so
-    without raising.
+    console_output=...)`` records progress and the whole console so far. Once the job is
+    given up, JobCancelled is raised (see there).
 
     A job type that needs optional packages or environment variables lists them, so
     that a runner without them never claims such a job (the worker keeps a failure
@@ -1719,7 +1722,8 @@ class Runner:
     def _settle_job_records(self):
         """Finish the custody of jobs left by an earlier process or an unanswered claim:
         spooled reports are delivered first, then interrupted jobs are resumed."""
-        records = [record for record in self.state.job_records() if record["job_id"] not in self._active]
+        active = set(self._active)  # before reading: a slot forgets its record before it leaves
+        records = [record for record in self.state.job_records() if record["job_id"] not in active]
         for record in sorted(records, key=lambda record: record.get("report") is None):
             if self.shutdown.graceful or self._slots_full():
                 return

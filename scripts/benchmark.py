@@ -2,6 +2,9 @@
 """Benchmarks of the Runpack runner, run by hand: ``python3 scripts/benchmark.py COMMAND``.
 
 Commands:
+  core      the runner's own costs: import time, a local run, idle memory, and draining a queue
+            of instant jobs (requests per job, jobs per second, with and without worker latency,
+            one job at a time and four at once, job processes and --in-process).
   figpack   the figpack_nwb_raster_plot job type: real figpack + lindi, called directly in a fresh
             interpreter versus run as a job by the real runner CLI against the fake worker; wall
             time and the runner's memory. Needs the figpack extra and h5py.
@@ -284,6 +287,117 @@ def command_figpack(args):
     return 0
 
 
+# ---- core: import time, memory, requests per job, drain throughput -----------------------------
+
+def bench_import(repeats):
+    """Milliseconds of `import runpack_runner` (cumulative, -X importtime), bytecode cached."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
+    timings = []
+    with tempfile.TemporaryDirectory() as folder:
+        shutil.copy(RUNNER_PY, folder)
+        for _ in range(repeats + 1):  # the first run writes the bytecode cache
+            result = subprocess.run([sys.executable, "-X", "importtime", "-c", "import runpack_runner"],
+                                    cwd=folder, env=env, stderr=subprocess.PIPE, universal_newlines=True,
+                                    check=True)
+            line = [row for row in result.stderr.splitlines() if row.rstrip().endswith("| runpack_runner")][0]
+            timings.append(int(line.split("|")[1]) / 1000.0)
+    return median(timings[1:])
+
+
+def bench_local_run(repeats, *flags):
+    """Wall milliseconds of `runpack_runner.py run hello_world name=A processing_time=0`, and of
+    `python3 -c pass` for comparison."""
+    runs, baseline = [], []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        baseline.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        subprocess.run([sys.executable, RUNNER_PY, "run", "hello_world", "name=A", "processing_time=0"]
+                       + list(flags), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+        runs.append(time.perf_counter() - started)
+    return median(runs) * 1000, median(baseline) * 1000
+
+
+def start_runner_process(worker_url, state_dir, *flags):
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RUNPACK_")}
+    env["RUNPACK_RUNNER_API_KEY"] = RUNNER_KEY
+    command = [sys.executable, RUNNER_PY, "runner", "--worker-url", worker_url, "--state-dir", state_dir,
+               "--poll-interval", "0.5", "--poll-interval-max", "1"] + list(flags)
+    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def bench_drain(jobs, latency_s=0.0, flags=()):
+    """Draining a queue of instant hello_world jobs: jobs per second from the first claim to the
+    last report, and the requests the runner made per job. ``latency_s`` delays every answer of
+    the worker, as a worker across the Internet would."""
+    with fake_worker_module().FakeWorker() as worker, tempfile.TemporaryDirectory() as state_dir:
+        ids = [worker.add_job("hello_world", {"name": "n%d" % i, "processing_time": 0}) for i in range(jobs)]
+        if latency_s:
+            worker.add_fault("slow", times=None, delay=latency_s)
+        runner = start_runner_process(worker.url, state_dir, *flags)
+        try:
+            wait_for(lambda: worker.count("claim") >= 1, 60, "the first claim")
+            started = time.perf_counter()
+            wait_for(lambda: runner.poll() is not None or all(worker.job(j)["status"] == "completed"
+                                                               for j in ids),
+                     1200, "the queue to drain", step=0.02)
+            if runner.poll() is not None:
+                raise RuntimeError("the runner exited with %s while draining (flags %s)" % (runner.returncode, flags))
+            elapsed = time.perf_counter() - started
+            routes = [record.route for record in worker.requests]
+            last = max(i for i, route in enumerate(routes) if route == "complete")
+            per_job = dict((route, routes[:last + 1].count(route) / float(jobs))
+                           for route in ("available", "claim", "heartbeat", "complete"))
+        finally:
+            runner.terminate()
+            runner.wait(60)
+    return jobs / elapsed, per_job
+
+
+def bench_idle_memory(settle_s):
+    """RSS of a runner that has registered and polls an empty queue."""
+    with fake_worker_module().FakeWorker() as worker, tempfile.TemporaryDirectory() as state_dir:
+        runner = start_runner_process(worker.url, state_dir)
+        try:
+            wait_for(lambda: worker.count("available") >= 2, 60, "two polls")
+            time.sleep(settle_s)
+            return proc_status_kib(runner.pid, "VmRSS")
+        finally:
+            runner.terminate()
+            runner.wait(60)
+
+
+def fake_worker_module():
+    sys.path.insert(0, TESTS)
+    import fake_worker
+
+    return fake_worker
+
+
+RUNNER_KEY = "runner-key-0123456789abcdef"  # the fake worker's runner key
+
+
+def command_core(args):
+    print("Runpack runner core benchmark: Python %s, %d cores" % (sys.version.split()[0], os.cpu_count()))
+    print("import runpack_runner: %.1f ms" % bench_import(args.repeat))
+    run_ms, python_ms = bench_local_run(args.repeat)
+    run_in_process_ms, _ = bench_local_run(args.repeat, "--in-process")
+    print("run hello_world processing_time=0: %.0f ms (--in-process %.0f ms; python3 -c pass %.0f ms)"
+          % (run_ms, run_in_process_ms, python_ms))
+    print("runner RSS, idle after registering: %s" % mib(bench_idle_memory(1.0)))
+    rows = []
+    for latency_ms in (0, args.latency_ms):
+        for flags in ((), ("--in-process",), ("--concurrency", "4"), ("--concurrency", "4", "--in-process")):
+            rate, per_job = bench_drain(args.jobs, latency_ms / 1000.0, flags)
+            rows.append(["%d ms" % latency_ms, " ".join(flags) or "(defaults)", "%.1f" % rate]
+                        + ["%.2f" % per_job[route] for route in ("available", "claim", "heartbeat", "complete")])
+    print("\nDraining %d instant hello_world jobs (worker latency added to every answer):" % args.jobs)
+    print_table(["latency", "flags", "jobs/s", "polls/job", "claims/job", "heartbeats/job", "reports/job"],
+                rows, left=(0, 1))
+    return 0
+
+
 # ---- command line ------------------------------------------------------------------------------
 
 def build_parser():
@@ -300,6 +414,14 @@ def build_parser():
     figpack.add_argument("--large-spikes", type=int, default=6700, help="spikes per unit of the large table")
     figpack.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
     figpack.set_defaults(func=command_figpack)
+    core = commands.add_parser(
+        "core", help="import time, memory, requests per job and drain throughput of the runner",
+        description="The runner's own costs, against the fake worker on 127.0.0.1.")
+    core.add_argument("--repeat", type=int, default=5, help="runs of each timing (default 5)")
+    core.add_argument("--jobs", type=int, default=200, help="jobs in the drained queue (default 200)")
+    core.add_argument("--latency-ms", type=int, default=50,
+                      help="delay added to every worker answer in the second drain series (default 50)")
+    core.set_defaults(func=command_core)
     return parser
 
 

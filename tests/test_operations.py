@@ -220,3 +220,13 @@ def test_idle_timeout_also_ends_a_runner_that_cannot_reach_the_worker(worker, st
     runner = start_runner("--idle-timeout", "1")
     assert runner.wait() == 6
     assert "Cannot register with the worker yet" in runner.output
+
+
+def test_concurrent_slots_report_each_job_exactly_once(worker, start_runner):
+    jobs = [worker.add_job("hello_world", {"name": "n%d" % i, "processing_time": 0}) for i in range(150)]
+    runner = start_runner("--concurrency", "4", "--in-process")
+    worker.wait_until(lambda: all(status_of(worker, j) == "completed" for j in jobs), timeout=60)
+    assert all(len(worker.job(j)["reports"]) == 1 for j in jobs)
+    assert worker.count("complete") == 150, "a report was sent twice"
+    assert runner.stop() == 0
+    assert "Unexpected error" not in runner.output

@@ -1190,35 +1190,40 @@ class ProcessJobExecution(JobExecution):
                 pass_fds=(channel_writer,), start_new_session=True, env=environment)
         finally:
             os.close(channel_writer)
-        threading.Thread(target=self._relay, args=(channel_reader,), name="job-io", daemon=True).start()
+        self.relay = threading.Thread(target=self._relay, args=(channel_reader,), name="job-io", daemon=True)
+        self.relay.start()
 
     def _relay(self, channel_reader):
-        """Pass the process's messages and output on until it exits and its pipes close."""
+        """Pass the process's messages and output on until it exits and its pipes close;
+        this thread alone reads and closes the pipes."""
         import codecs
 
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         output_reader = self.process.stdout.fileno()
         open_pipes, pending, exited_at = [channel_reader, output_reader], b"", None
-        while open_pipes:
-            ready, _, _ = select.select(open_pipes, [], [], 0.5)
-            for pipe in ready:
-                chunk = os.read(pipe, 65536)
-                if not chunk:
-                    open_pipes.remove(pipe)
-                elif pipe == output_reader:
-                    self.progress.add_process_output(decoder.decode(chunk))
-                else:
-                    pending += chunk
-                    *lines, pending = pending.split(b"\n")
-                    for line in lines:
-                        self._receive(json.loads(line.decode("utf-8")))
-            if self.process.poll() is not None:
-                exited_at = exited_at or time.monotonic()
-                if time.monotonic() - exited_at > 1.0:
-                    break  # a process the job started still holds a pipe: stop listening
-        os.close(channel_reader)
-        self.process.wait()
-        self._finished()
+        try:
+            while open_pipes:
+                ready, _, _ = select.select(open_pipes, [], [], 0.5)
+                for pipe in ready:
+                    chunk = os.read(pipe, 65536)
+                    if not chunk:
+                        open_pipes.remove(pipe)
+                    elif pipe == output_reader:
+                        self.progress.add_process_output(decoder.decode(chunk))
+                    else:
+                        pending += chunk
+                        *lines, pending = pending.split(b"\n")
+                        for line in lines:
+                            self._receive(json.loads(line.decode("utf-8")))
+                if self.process.poll() is not None:
+                    exited_at = exited_at or time.monotonic()
+                    if time.monotonic() - exited_at > 1.0:
+                        break  # a process the job started still holds a pipe: stop listening
+            self.process.wait()
+        finally:
+            os.close(channel_reader)
+            self.process.stdout.close()
+            self._finished()
 
     def _receive(self, message):
         if "report" in message:
@@ -1253,7 +1258,7 @@ class ProcessJobExecution(JobExecution):
 
         if self.process is not None:
             _signal_group(self.process.pid, signal.SIGKILL)  # whatever the job left running
-            self.process.stdout.close()
+            self.relay.join(JOB_STOP_GRACE_S)
         if self.temporary_dir:
             shutil.rmtree(self.temporary_dir, ignore_errors=True)
 

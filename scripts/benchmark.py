@@ -46,26 +46,6 @@ def proc_status_kib(pid, field):
     return None
 
 
-def children_of(pid):
-    """The pids of the live child processes of ``pid`` (Linux /proc; empty elsewhere)."""
-    children = []
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return children
-    for name in names:
-        if not name.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % name) as stream:
-                fields = stream.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            children.append(int(name))
-    return children
-
-
 def mib(kib):
     return "-" if kib is None else "%.0f MiB" % (kib / 1024.0)
 
@@ -135,6 +115,8 @@ def figpack_through_runner(fake_worker, nwb_url, api, tmpdir, label, mode_flags=
     """The same work as a job: a fresh runner process, idle first, then the job added at the worker.
     Wall time runs from add_job to the worker holding the completed result. While the job runs, the
     peak RSS (VmHWM) of the runner's child processes (the job process) is sampled."""
+    from conftest import children_of  # tests/ is on sys.path
+
     state = tempfile.mkdtemp(prefix="runner-", dir=tmpdir)
     job_tmp = os.path.join(state, "tmp")
     os.mkdir(job_tmp)
@@ -321,7 +303,7 @@ def bench_local_run(repeats, *flags):
 
 def start_runner_process(worker_url, state_dir, *flags):
     env = {key: value for key, value in os.environ.items() if not key.startswith("RUNPACK_")}
-    env["RUNPACK_RUNNER_API_KEY"] = RUNNER_KEY
+    env["RUNPACK_RUNNER_API_KEY"] = fake_worker_module().RUNNER_KEY
     command = [sys.executable, RUNNER_PY, "runner", "--worker-url", worker_url, "--state-dir", state_dir,
                "--poll-interval", "0.5", "--poll-interval-max", "1"] + list(flags)
     return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -373,9 +355,6 @@ def fake_worker_module():
     import fake_worker
 
     return fake_worker
-
-
-RUNNER_KEY = "runner-key-0123456789abcdef"  # the fake worker's runner key
 
 
 def command_core(args):

@@ -41,6 +41,20 @@ def find_python(name):
     return None
 
 
+def children_of(pid):
+    """The pids of the live (not zombie) child processes of ``pid``, read from /proc."""
+    children = []
+    for name in os.listdir("/proc"):
+        try:
+            with open("/proc/%s/stat" % name) as stream:
+                fields = stream.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            children.append(int(name))
+    return children
+
+
 def clean_environment(**overrides):
     """The test process's environment without RUNPACK_* settings, plus ``overrides``."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("RUNPACK_")}

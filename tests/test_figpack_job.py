@@ -22,7 +22,7 @@ pytest.importorskip("figpack_spike_sorting")
 pytest.importorskip("lindi")
 pytest.importorskip("h5py")
 
-from conftest import run_cli  # noqa: E402
+from conftest import children_of, run_cli  # noqa: E402
 from fake_worker import RUNNER_KEY, SUBMIT_KEY  # noqa: E402
 from figpack_fixtures import (  # noqa: E402
     FigpackApiStandIn,
@@ -95,20 +95,6 @@ def python_without_site_packages(tmp_path):
 
 # Each job runs in a process of its own by default; --in-process runs it in a thread of the runner.
 ISOLATION = pytest.mark.parametrize("isolation", [(), ("--in-process",)], ids=["job-process", "in-process"])
-
-
-def children_of(pid):
-    """The pids of the live child processes of ``pid`` (Linux /proc)."""
-    children = []
-    for name in os.listdir("/proc"):
-        try:
-            with open("/proc/%s/stat" % name) as stream:
-                fields = stream.read().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            children.append(int(name))
-    return children
 
 
 def job_console(console):

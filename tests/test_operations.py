@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import RUNNER_KEY, RUNNER_PY, TESTS, clean_environment, run_cli
+from conftest import RUNNER_KEY, RUNNER_PY, TESTS, children_of, clean_environment, run_cli
 
 HANDLERS = ("--handlers", os.path.join(TESTS, "job_types_for_operations.py"))
 
@@ -210,9 +210,7 @@ def test_many_jobs_leave_no_file_descriptors_or_processes_behind(worker, start_r
     worker.wait_until(lambda: all(status_of(worker, j) == "completed" for j in jobs), timeout=60)
     worker.wait_until(lambda: worker.count("available") >= 3)  # idle again
     assert len(os.listdir("/proc/%d/fd" % runner.process.pid)) <= descriptors_idle
-    children = subprocess.run(["ps", "--ppid", str(runner.process.pid), "-o", "pid="],
-                              stdout=subprocess.PIPE, universal_newlines=True).stdout.split()
-    assert children == []
+    assert children_of(runner.process.pid) == []
 
 
 def test_idle_timeout_also_ends_a_runner_that_cannot_reach_the_worker(worker, start_runner):

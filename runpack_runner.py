@@ -1459,11 +1459,12 @@ class Runner:
             LOG.error("This runner can run none of its job types; stopping")
             return EXIT_USAGE
         try:
-            self._establish_identity()
-            self._serve()
+            try:
+                self._establish_identity()
+                self._serve()
+            except RunnerStopped:
+                pass
             self._wait_for_jobs()
-        except RunnerStopped:
-            pass
         except WorkerKeyRejected as error:
             LOG.error("%s; stopping. Check RUNPACK_RUNNER_API_KEY and start the runner again", error)
             return EXIT_KEY_REJECTED

@@ -232,8 +232,11 @@ def configure_logging(stream, log_path=None, secret=None, level=logging.INFO):
     if log_path:
         from logging.handlers import RotatingFileHandler
 
-        handlers.append(RotatingFileHandler(
-            log_path, maxBytes=LOG_FILE_MAX_BYTES, backupCount=LOG_FILE_BACKUPS, encoding="utf-8"))
+        try:
+            handlers.append(RotatingFileHandler(
+                log_path, maxBytes=LOG_FILE_MAX_BYTES, backupCount=LOG_FILE_BACKUPS, encoding="utf-8"))
+        except OSError as error:
+            raise ConfigurationError("cannot write the log file %s: %s" % (log_path, error.strerror))
     for old in list(LOG.handlers):
         LOG.removeHandler(old)
     for handler in handlers:
@@ -1468,6 +1471,10 @@ class Runner:
         except WorkerKeyRejected as error:
             LOG.error("%s; stopping. Check RUNPACK_RUNNER_API_KEY and start the runner again", error)
             return EXIT_KEY_REJECTED
+        except WorkerRejected as error:  # only registering lets one through: the loop retries
+            LOG.error("The worker refused to register this runner (%s); is %s the base URL of a "
+                      "Runpack worker?", error, self.client.base_url)
+            return EXIT_USAGE
         self.shutdown.announce(jobs_running=False)
         left = len(self.state.job_records())
         if left:

@@ -102,6 +102,13 @@ def test_bad_settings_are_one_line_and_exit_2(env, message, tmp_path):
     assert "secret-key-for-settings-test" not in result.stderr + result.stdout
 
 
+def test_an_unwritable_log_file_is_one_line_and_exit_2(tmp_path):
+    result = run_cli("runner", "--state-dir", str(tmp_path), "--log-file", "/nonexistent/dir/runner.log",
+                     env={"RUNPACK_RUNNER_API_KEY": "some-key"})
+    assert result.returncode == 2
+    assert result.stderr == "Error: cannot write the log file /nonexistent/dir/runner.log: No such file or directory\n"
+
+
 def test_flags_win_over_environment_variables(tmp_path):
     result = run_cli("run", "hello_world", "name=A", "processing_time=0", "--job-timeout", "5",
                      env={"RUNPACK_JOB_TIMEOUT": "not a number"})

@@ -249,3 +249,10 @@ def test_handlers_module_attr_and_environment_variable_register_job_types(worker
                       "PYTHONPATH": os.path.dirname(TEST_JOB_TYPES)})
     worker.wait_until(completed(worker, job_id))
     assert worker.job(job_id)["output_data"] == {"counted": 4}
+
+
+def test_a_worker_url_that_is_not_a_runpack_worker_is_one_error_line_and_exit_2(worker, start_runner):
+    runner = start_runner(worker_url=worker.url + "/not-the-api")
+    assert runner.wait() == 2
+    assert "ERROR: The worker refused to register this runner (POST /api/runner/register: 404 Not found)" in runner.output
+    assert "Traceback" not in runner.output

@@ -346,9 +346,10 @@ Next steps:
   # try it locally (no API key needed):
   $QW run hello_world name=Alice processing_time=3
 
-  # run it as a runner (put your own key in place of ...):
+  # run it as a runner (put your own key in place of ...); check says what is missing:
   export RUNPACK_RUNNER_API_KEY=...
-  $QW runner
+  $QW check --state-dir $(shquote "$PREFIX/state")
+  $QW runner --state-dir $(shquote "$PREFIX/state")
 
   # optional: make 'runpack' available by name
   export PATH=$(shquote "$BIN_DIR"):\$PATH

@@ -1082,11 +1082,13 @@ def redact_value(value, secret):
 
 
 def run_handler(handler, input_params, progress):
-    """Call a handler and turn whatever happens into a report; None once it was cancelled."""
+    """Call a handler and turn whatever happens into a report; None once the runner gave it up."""
     try:
         result = handler.execute(input_params, progress)
-    except JobCancelled:
-        return None
+    except JobCancelled as cancelled:
+        if progress.cancelled:
+            return None
+        return error_report("Job execution failed: %s" % (str(cancelled) or "JobCancelled"), progress.console)
     except ValueError as error:
         return error_report("Invalid parameters: %s" % error, progress.console)
     except Exception as error:
@@ -1861,27 +1863,27 @@ class TerminalProgress:
                                        fraction * 100, elapsed)
 
 
+def _json_object(text, source):
+    try:
+        value = json.loads(text)
+    except ValueError as error:
+        raise ConfigurationError("%s is not valid JSON: %s" % (source, error))
+    if not isinstance(value, dict):
+        raise ConfigurationError("%s must be a JSON object" % source)
+    return value
+
+
 def parse_run_params(assignments, params_json, params_file):
     """Merge --params-file, --params and key=value arguments (values are JSON when they parse)."""
     params = {}
-    for source, text in (("--params-file", None), ("--params", params_json)):
-        if source == "--params-file":
-            if not params_file:
-                continue
-            try:
-                with open(params_file, encoding="utf-8") as stream:
-                    text = stream.read()
-            except OSError as error:
-                raise ConfigurationError("cannot read --params-file %s: %s" % (params_file, error.strerror))
-        if text is None:
-            continue
+    if params_file:
         try:
-            value = json.loads(text)
-        except ValueError as error:
-            raise ConfigurationError("%s is not valid JSON: %s" % (source, error))
-        if not isinstance(value, dict):
-            raise ConfigurationError("%s must be a JSON object" % source)
-        params.update(value)
+            with open(params_file, encoding="utf-8") as stream:
+                params.update(_json_object(stream.read(), "--params-file"))
+        except OSError as error:
+            raise ConfigurationError("cannot read --params-file %s: %s" % (params_file, error.strerror))
+    if params_json is not None:
+        params.update(_json_object(params_json, "--params"))
     for assignment in assignments:
         key, equals, text = assignment.partition("=")
         if not equals or not key:

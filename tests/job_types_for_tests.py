@@ -118,3 +118,9 @@ def cancel_witness(input_params, heartbeat_callback):
 def long_emoji_error(input_params, heartbeat_callback):
     """An error message of characters outside the BMP, which JavaScript counts twice."""
     raise RuntimeError("\U0001F600" * input_params["characters"])
+
+
+@runpack_runner.job_type("cancels_itself")
+def cancels_itself(input_params, heartbeat_callback):
+    """Raises JobCancelled although the runner did not give the job up: still exactly one report."""
+    raise runpack_runner.JobCancelled("gave up by itself")

@@ -256,3 +256,11 @@ def test_a_worker_url_that_is_not_a_runpack_worker_is_one_error_line_and_exit_2(
     assert runner.wait() == 2
     assert "ERROR: The worker refused to register this runner (POST /api/runner/register: 404 Not found)" in runner.output
     assert "Traceback" not in runner.output
+
+
+@pytest.mark.parametrize("isolation", [(), ("--in-process",)], ids=["job-process", "in-process"])
+def test_a_handler_raising_job_cancelled_by_itself_is_reported_failed(worker, start_runner, isolation):
+    job_id = worker.add_job("cancels_itself", {})
+    start_runner(*(HANDLERS + isolation))
+    worker.wait_until(finished(worker, job_id))
+    assert worker.job(job_id)["error_message"] == "Job execution failed: gave up by itself"

@@ -16,6 +16,7 @@ sys.path.insert(0, TESTS)
 from fake_worker import RUNNER_KEY, FakeWorker  # noqa: E402
 
 REPO = os.path.dirname(TESTS)
+sys.path.insert(0, REPO)  # `import runpack_runner` finds this checkout's file
 RUNNER_PY = os.path.join(REPO, "runpack_runner.py")
 TEST_JOB_TYPES = os.path.join(TESTS, "job_types_for_tests.py")
 

@@ -178,3 +178,12 @@ def test_vermin_confirms_python_3_8_as_the_minimum():
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
                             timeout=120)
     assert result.returncode == 0, result.stdout
+
+
+def test_the_readme_lists_every_setting_with_its_flag_and_environment_variable():
+    import runpack_runner
+
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as stream:
+        readme = stream.read()
+    for setting in runpack_runner.SETTINGS:
+        assert "| `%s` | `%s` |" % (setting.flag, setting.env) in readme, setting.name

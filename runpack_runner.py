@@ -769,6 +769,11 @@ def job_type(name):
     return lambda handler: register_job_type(name, handler)
 
 
+def job_type_availability():
+    """Each registered job type, with None when this runner can run it, else why not."""
+    return [(name, handler.unavailable_reason()) for name, handler in sorted(JOB_HANDLERS.items())]
+
+
 def load_handler_modules(specs):
     """Import the comma-separated modules that register job types.
 
@@ -1441,9 +1446,8 @@ class Runner:
     leave a job claimed with nobody to finish it.
     """
 
-    def __init__(self, settings, client, state, handlers, secret=None):
+    def __init__(self, settings, client, state, secret=None):
         self.settings, self.client, self.state = settings, client, state
-        self.handlers = handlers
         self.waker = Waker()
         self.shutdown = ShutdownRequests(self.waker)
         self.job_types = []
@@ -1489,8 +1493,7 @@ class Runner:
 
     def _job_types_to_serve(self):
         serve = []
-        for name, handler in sorted(self.handlers.items()):
-            reason = handler.unavailable_reason()
+        for name, reason in job_type_availability():
             if reason:
                 LOG.warning("Not serving job type %s: %s", name, reason)
             else:
@@ -1981,7 +1984,7 @@ def command_runner(args, environ):
              sys.version.split()[0], worker_url, state.path)
     client = WorkerClient(worker_url, api_key, settings.request_timeout)
     try:
-        return Runner(settings, client, state, JOB_HANDLERS, secret=api_key).run()
+        return Runner(settings, client, state, secret=api_key).run()
     except Exception:
         LOG.exception("Unexpected error; the runner stops (job records stay in %s)", state.jobs_path)
         return EXIT_FAILURE
@@ -2029,8 +2032,7 @@ def command_check(args, environ, out=None):
     except ConfigurationError as error:
         checklist.problem("Handlers", str(error))
     serving = []
-    for name, handler in sorted(JOB_HANDLERS.items()):
-        reason = handler.unavailable_reason()
+    for name, reason in job_type_availability():
         checklist.line("Job type", "%s: %s" % (name, "served" if reason is None else "NOT served: " + reason))
         if reason is None:
             serving.append(name)

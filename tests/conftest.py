@@ -56,6 +56,15 @@ def children_of(pid):
     return children
 
 
+def process_exists(pid):
+    """True while ``pid`` runs; a zombie is as good as gone."""
+    try:
+        with open("/proc/%d/stat" % pid) as stream:
+            return stream.read().split(")")[-1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):  # gone, or going while we read
+        return False
+
+
 def clean_environment(**overrides):
     """The test process's environment without RUNPACK_* settings, plus ``overrides``."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("RUNPACK_")}

@@ -8,22 +8,13 @@ import time
 
 import pytest
 
-from conftest import RUNNER_KEY, RUNNER_PY, TESTS, children_of, clean_environment, run_cli
+from conftest import RUNNER_KEY, RUNNER_PY, TESTS, children_of, clean_environment, process_exists, run_cli
 
 HANDLERS = ("--handlers", os.path.join(TESTS, "job_types_for_operations.py"))
 
 
 def status_of(worker, job_id):
     return worker.job(job_id)["status"]
-
-
-def process_exists(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open("/proc/%d/stat" % pid) as stream:  # a zombie is as good as gone
-        return stream.read().split(")")[-1].split()[0] != "Z"
 
 
 def read_pid(path, timeout=15):

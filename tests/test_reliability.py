@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import RUNNER_KEY, TEST_JOB_TYPES
+from conftest import RUNNER_KEY, TEST_JOB_TYPES, process_exists
 from fake_worker import RecordingServer, js_length
 
 HANDLERS = ("--handlers", TEST_JOB_TYPES)
@@ -521,14 +521,6 @@ def test_a_second_runner_on_the_same_state_directory_exits_4(worker, start_runne
 # ---- Lost claim ------------------------------------------------------------------------
 
 
-def pid_is_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 @pytest.mark.parametrize("isolation", ["job process", "in-process"])
 def test_a_lost_claim_stops_the_handler_discards_its_result_and_the_next_job_runs(
         worker, start_runner, tmp_path, isolation):
@@ -550,7 +542,7 @@ def test_a_lost_claim_stops_the_handler_discards_its_result_and_the_next_job_run
     else:
         # the job process (and its process group) is stopped
         assert handler_pid != runner.process.pid
-        worker.wait_until(lambda: not pid_is_alive(handler_pid), message="the job process still runs")
+        worker.wait_until(lambda: not process_exists(handler_pid), message="the job process still runs")
     time.sleep(0.6)  # more than a heartbeat interval: no heartbeat may follow the 400
     job = worker.job(lost)
     assert job["claimed_by"] == other_runner and job["status"] == "claimed"

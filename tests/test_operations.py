@@ -140,9 +140,9 @@ def test_idle_timeout_exits_6_when_no_job_comes(worker, start_runner):
 
 
 def test_max_uptime_finishes_the_running_job_then_exits_7(worker, start_runner):
-    running = worker.add_job("hello_world", {"name": "long", "processing_time": 2})
+    running = worker.add_job("hello_world", {"name": "long", "processing_time": 3})
     waiting = worker.add_job("hello_world", {"name": "waiting", "processing_time": 0})
-    runner = start_runner("--max-uptime", "1")
+    runner = start_runner("--max-uptime", "2")
     assert runner.wait() == 7
     assert status_of(worker, running) == "completed" and status_of(worker, waiting) == "pending"
 

@@ -66,9 +66,20 @@ class Setting:
         self.parse, self.kind, self.help = parse, kind, help
 
 
+MAX_SECONDS = 366 * 24 * 3600.0  # a year: longer waits overflow select() and mean a typo
+
+
 def _parse_seconds(text):
     value = float(text)
-    if not 0 <= value < float("inf"):
+    if not 0 <= value <= MAX_SECONDS:
+        raise ValueError(text)
+    return value
+
+
+def _parse_positive_seconds(text):
+    """Seconds, more than zero: a zero poll interval, timeout or retry wait would spin."""
+    value = _parse_seconds(text)
+    if value <= 0:
         raise ValueError(text)
     return value
 
@@ -100,18 +111,18 @@ SETTINGS = (
             "a URL", "base URL of the Runpack worker"),
     Setting("state_dir", "--state-dir", "RUNPACK_STATE_DIR", ".", str, "a directory",
             "where the identity, lock, job records and log live"),
-    Setting("poll_interval", "--poll-interval", "RUNPACK_POLL_INTERVAL", 10.0, _parse_seconds,
-            "a number of seconds", "wait after the first empty poll, and again after every job"),
+    Setting("poll_interval", "--poll-interval", "RUNPACK_POLL_INTERVAL", 10.0, _parse_positive_seconds,
+            "a number of seconds above 0", "wait after the first empty poll, and again after every job"),
     Setting("poll_interval_step", "--poll-interval-step", "RUNPACK_POLL_INTERVAL_STEP", 2.0,
             _parse_seconds, "a number of seconds", "added to the wait after each empty poll"),
     Setting("poll_interval_max", "--poll-interval-max", "RUNPACK_POLL_INTERVAL_MAX", 60.0,
             _parse_seconds, "a number of seconds", "longest wait between empty polls"),
     Setting("heartbeat_interval", "--heartbeat-interval", "RUNPACK_HEARTBEAT_INTERVAL", 30.0,
-            _parse_seconds, "a number of seconds", "time between heartbeats while a job runs"),
+            _parse_positive_seconds, "a number of seconds above 0", "time between heartbeats while a job runs"),
     Setting("request_timeout", "--request-timeout", "RUNPACK_REQUEST_TIMEOUT", 30.0,
-            _parse_seconds, "a number of seconds", "connect and read timeout of every request"),
-    Setting("retry_max", "--retry-max", "RUNPACK_RETRY_MAX", 60.0, _parse_seconds,
-            "a number of seconds", "longest wait between retries of a failed request"),
+            _parse_positive_seconds, "a number of seconds above 0", "connect and read timeout of every request"),
+    Setting("retry_max", "--retry-max", "RUNPACK_RETRY_MAX", 60.0, _parse_positive_seconds,
+            "a number of seconds above 0", "longest wait between retries of a failed request"),
     Setting("job_timeout", "--job-timeout", "RUNPACK_JOB_TIMEOUT", 6 * 3600.0, _parse_seconds,
             "a number of seconds", "a job running longer fails (0: no limit)"),
     Setting("concurrency", "--concurrency", "RUNPACK_CONCURRENCY", 1, _parse_positive_count,
@@ -190,8 +201,10 @@ def check_worker_url(url, allow_insecure_http):
         parts.port  # raises ValueError on a bad port
     except ValueError:
         parts = None
-    if not parts or parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigurationError("the worker URL must look like https://host[:port], got %r" % url)
+    if (not parts or parts.scheme not in ("http", "https") or not parts.hostname or parts.query
+            or parts.fragment or "@" in parts.netloc):
+        raise ConfigurationError("the worker URL must look like https://host[:port][/path], with no "
+                                 "query, fragment or user:password, got %r" % url)
     if parts.scheme == "http" and not allow_insecure_http and not _is_loopback(parts.hostname):
         raise ConfigurationError(
             "refusing to send the runner key over plain http to %s; use https, or pass "
@@ -354,9 +367,9 @@ class TransientWorkerError(WorkerError):
 class WorkerRejected(WorkerError):
     """A definitive no (4xx): repeating the same request will not help."""
 
-    def __init__(self, message, status):
+    def __init__(self, message, status, body=None):
         super().__init__(message)
-        self.status = status
+        self.status, self.body = status, body
 
 
 class WorkerKeyRejected(WorkerRejected):
@@ -380,6 +393,7 @@ class RetryBackoff:
 
 
 NOT_CLAIMED_BY_US = "not claimed by this runner"
+RATE_LIMIT_WINDOW_S = 60.0  # the worker's rate-limit window: no 429 asks for a longer wait
 
 
 class WorkerClient:
@@ -411,7 +425,7 @@ class WorkerClient:
     # -- the verbs
 
     def health(self):
-        self._request("GET", "/health")
+        self._request("GET", "/health", authorized=False)
 
     def register(self, name, capabilities):
         body = self._request("POST", "/api/runner/register",
@@ -423,9 +437,9 @@ class WorkerClient:
         try:
             body = self._request("GET", "/api/runner/verify", runner_id=runner_id)
         except WorkerRejected as rejected:
-            if rejected.status == 404:
+            if rejected.status == 404 and isinstance(rejected.body, dict) and rejected.body.get("exists") is False:
                 return False
-            raise
+            raise  # a 404 of another shape: not a Runpack worker at this URL
         return self._expect(body, "exists", True, "verify")
 
     def available(self, job_types):
@@ -472,9 +486,10 @@ class WorkerClient:
             raise
         return self._expect(answer, "success", True, action)
 
-    def _request(self, method, path, body=None, runner_id=None, timeout=None):
-        headers = {"Authorization": "Bearer " + self._api_key, "Accept": "application/json",
-                   "User-Agent": "runpack-runner/" + __version__}
+    def _request(self, method, path, body=None, runner_id=None, timeout=None, authorized=True):
+        headers = {"Accept": "application/json", "User-Agent": "runpack-runner/" + __version__}
+        if authorized:
+            headers["Authorization"] = "Bearer " + self._api_key
         data = None
         if body is not None:
             data = json.dumps(body).encode("utf-8")
@@ -492,7 +507,7 @@ class WorkerClient:
                 with answer:
                     raw = answer.read()
         except self._network_errors as error:
-            raise TransientWorkerError("%s: cannot reach the worker (%s)" % (where, _reason(error)))
+            raise TransientWorkerError(self._clean("%s: cannot reach the worker (%s)" % (where, _reason(error))))
         return self._interpret(where, status, raw, location)
 
     def _interpret(self, where, status, raw, location):
@@ -507,7 +522,8 @@ class WorkerClient:
                 "that the key only goes to %s" % (where, status, _origin(location), self.base_url)), status)
         if status == 429:
             reset_ms = body.get("resetTime") if isinstance(body, dict) else None
-            wait = max(0.0, reset_ms / 1000.0 - time.time()) if isinstance(reset_ms, (int, float)) else None
+            wait = (min(RATE_LIMIT_WINDOW_S, max(0.0, reset_ms / 1000.0 - time.time()))
+                    if isinstance(reset_ms, (int, float)) else None)
             raise TransientWorkerError("%s: rate limited by the worker" % where, status, wait)
         if status >= 500 or status == 408:
             raise TransientWorkerError(self._clean("%s: worker error %d %s" % (where, status, message)), status)
@@ -515,7 +531,7 @@ class WorkerClient:
             raise WorkerKeyRejected(self._clean("%s: the worker rejected the runner key (%s)"
                                                 % (where, message)), status)
         if status >= 400:
-            raise WorkerRejected(self._clean("%s: %d %s" % (where, status, message)), status)
+            raise WorkerRejected(self._clean("%s: %d %s" % (where, status, message)), status, body)
         if not isinstance(body, dict):
             raise TransientWorkerError(self._clean("%s: the worker's answer is not a JSON object: %.80r"
                                                    % (where, raw)), status)
@@ -934,7 +950,11 @@ SHUTDOWN_MESSAGE = "runner was shut down while the job was running"
 CLAIM_LOST_MESSAGE = "the worker says the job is no longer claimed by this runner"
 HEARTBEAT_MIN_GAP_S = 0.5  # the worker allows 120 heartbeats a minute per runner
 JOB_UPDATE_GAP_S = 0.1  # how often a job process passes its progress to the runner
-JOB_STOP_GRACE_S = 5.0  # a job process gets SIGTERM, then SIGKILL this much later
+JOB_STOP_GRACE_S = 5.0  # a job process gets JOB_STOP_SIGNAL, then SIGKILL this much later
+# The runner's own signal to stop a job: a SIGTERM that systemd or Slurm sends to every process
+# of the runner must not stop the job, which the runner means to finish (SIGUSR1 also ends a
+# process the job started, unless it handles it).
+JOB_STOP_SIGNAL = getattr(signal, "SIGUSR1", None)
 PROCESS_OUTPUT_MARKER = "[runpack: output of the job process]"
 _UNCHANGED = object()
 
@@ -1069,7 +1089,7 @@ def complete_report(result, console):
         console = str(output.pop("console_output") or "")
     try:
         encoded = json.dumps(output, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, RecursionError) as error:
         return error_report("Job execution failed: the output is not JSON-serialisable (%s)"
                             % error, console)
     size = js_length(encoded)
@@ -1080,10 +1100,29 @@ def complete_report(result, console):
                                          "console_output": keep_console_tail(console)}}
 
 
-def redact_value(value, secret):
-    """``value`` with every occurrence of ``secret`` in its JSON form replaced."""
-    text = json.dumps(value)
-    return json.loads(redact(text, secret)) if secret and secret in text else value
+def seal_report(report, secret):
+    """The report as it is stored and sent: the key replaced wherever it appears, then the
+    worker's limits applied again (the replacement can be longer than the key)."""
+    text = json.dumps(report)
+    if not secret or secret not in text:
+        return report
+    report = json.loads(redact(text, secret))
+    body = report["body"]
+    body["console_output"] = keep_console_tail(body["console_output"])
+    if "error_message" in body:
+        body["error_message"] = trim_error_message(body["error_message"])
+    return report
+
+
+def fallback_report(report, refusal):
+    """What to send when the worker refused a report with a 4xx, so that the job still ends:
+    a failure saying so, then the same without the console; None when even that was refused."""
+    message = trim_error_message("Job execution failed: the worker refused the %s report: %s"
+                                 % (report["kind"], refusal), 1000)
+    if report["kind"] == "complete":
+        return error_report(message, report["body"]["console_output"])
+    minimal = error_report(message, "")
+    return None if report == minimal else minimal
 
 
 def run_handler(handler, input_params, progress):
@@ -1096,10 +1135,11 @@ def run_handler(handler, input_params, progress):
         return error_report("Job execution failed: %s" % (str(cancelled) or "JobCancelled"), progress.console)
     except ValueError as error:
         return error_report("Invalid parameters: %s" % error, progress.console)
-    except Exception as error:
+    except BaseException as error:  # SystemExit and KeyboardInterrupt from a handler fail its job too
         details = traceback.format_exc()
         console = progress.console
-        return error_report("Job execution failed: %s" % (str(error) or type(error).__name__),
+        text = str(error) if isinstance(error, Exception) else ("%s %s" % (type(error).__name__, error)).strip()
+        return error_report("Job execution failed: %s" % (text or type(error).__name__),
                             console + ("\n" if console else "") + details, details)
     return complete_report(result, progress.console)
 
@@ -1116,9 +1156,9 @@ class JobExecution:
         self.done = False
 
     def run(self, timeout, shutdown=None):
-        self.start()
         deadline = time.monotonic() + timeout if timeout else None
         try:
+            self.start()
             while not self.done:
                 if self.progress.cancelled:
                     self.stop()
@@ -1198,6 +1238,9 @@ class ProcessJobExecution(JobExecution):
             self.process = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 pass_fds=(channel_writer,), start_new_session=True, env=environment)
+        except OSError:
+            os.close(channel_reader)
+            raise
         finally:
             os.close(channel_writer)
         self.relay = threading.Thread(target=self._relay, args=(channel_reader,), name="job-io", daemon=True)
@@ -1247,7 +1290,7 @@ class ProcessJobExecution(JobExecution):
             return
         import subprocess
 
-        _signal_group(self.process.pid, signal.SIGTERM)
+        _signal_group(self.process.pid, JOB_STOP_SIGNAL)
         try:
             self.process.wait(JOB_STOP_GRACE_S)
         except subprocess.TimeoutExpired:
@@ -1324,15 +1367,22 @@ def _exit_with_parent(parent_pid):
     os._exit(EXIT_FAILURE)
 
 
-def _cancel_on_sigterm(signum, frame):
+def _cancel_job(signum, frame):
     raise JobCancelled("stopped by the runner")
 
 
+def _ignore_signal(signum, frame):
+    """SIGTERM/SIGINT for the whole group (systemd, Slurm, Ctrl-C) are for the runner, which
+    finishes the job; a Python handler, unlike SIG_IGN, is not inherited by programs the job runs."""
+
+
 def serve_job_process(spec_path, channel_descriptor):
-    """The job process: run one handler, pass progress and the report to the runner.
-    SIGTERM (the runner stopping the job) raises JobCancelled in the handler, so that its
-    ``finally`` blocks run; SIGKILL follows if it does not end."""
-    signal.signal(signal.SIGTERM, _cancel_on_sigterm)
+    """The job process: run one handler, pass progress and the report to the runner, exit.
+    JOB_STOP_SIGNAL (the runner stopping the job) raises JobCancelled in the handler, so that
+    its ``finally`` blocks run; SIGKILL follows if it does not end."""
+    signal.signal(JOB_STOP_SIGNAL, _cancel_job)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _ignore_signal)
     parent_pid = os.getppid()
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, datefmt=LOG_DATE_FORMAT)
@@ -1350,7 +1400,7 @@ def serve_job_process(spec_path, channel_descriptor):
     sys.stderr.flush()
     if report is not None:
         parent.send({"report": report})
-    return EXIT_OK
+    os._exit(EXIT_OK)  # threads the handler left behind must not keep the process, and the job, alive
 
 
 # ---- The runner loop: register, poll with backoff, claim, shutdown ---------------
@@ -1368,7 +1418,7 @@ class RunnerStopped(Exception):
 
 
 class ShutdownRequests:
-    """Counts SIGINT/SIGTERM: the first stops taking new jobs, the second stops the running ones.
+    """Counts SIGINT/SIGTERM/SIGHUP: the first stops taking new jobs, the second stops the running ones.
 
     Being a signal handler, it only counts and wakes the threads that wait (each through
     its own Waker); the main thread does the logging.
@@ -1389,8 +1439,9 @@ class ShutdownRequests:
 
     def install(self):
         if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(signum, self)
+            for name in ("SIGINT", "SIGTERM", "SIGHUP"):  # SIGHUP: the terminal or ssh session closed
+                if hasattr(signal, name):
+                    signal.signal(getattr(signal, name), self)
 
     def announce(self, jobs_running):
         if self.count <= self._announced:
@@ -1459,6 +1510,7 @@ class Runner:
         self._max_jobs = 1 if settings.once else settings.max_jobs
         self._started_at = self._last_busy = time.monotonic()
         self._stop_code = None
+        self._reached_worker = False  # registered or verified: a batch limit before that is a failure
 
     def run(self):
         """Serve until shut down or a batch limit is reached; returns the process exit code."""
@@ -1472,7 +1524,9 @@ class Runner:
                 self._establish_identity()
                 self._serve()
             except RunnerStopped:
-                pass
+                if self._stop_code is not None and not self._reached_worker:
+                    LOG.error("Stopping without ever reaching the worker at %s", self.client.base_url)
+                    return EXIT_FAILURE
             self._wait_for_jobs()
         except WorkerKeyRejected as error:
             LOG.error("%s; stopping. Check RUNPACK_RUNNER_API_KEY and start the runner again", error)
@@ -1507,15 +1561,14 @@ class Runner:
         identity = self.state.load_identity()
         if identity is None:
             self._register(new_runner_name())
-            return
-        runner_id, name = identity["runner_id"], identity["runner_name"]
-        self.client.runner_id = runner_id
-        if self._until_answered("verify the runner", lambda: self.client.verify(runner_id)):
-            LOG.info("Verified runner %s (id %s)", name, runner_id)
+        elif self._until_answered("verify the runner", lambda: self.client.verify(identity["runner_id"])):
+            self.client.runner_id = identity["runner_id"]
+            LOG.info("Verified runner %s (id %s)", identity["runner_name"], identity["runner_id"])
         else:
             LOG.warning("The worker no longer knows runner %s (id %s); registering again under "
-                        "the same name", name, runner_id)
-            self._register(name)
+                        "the same name", identity["runner_name"], identity["runner_id"])
+            self._register(identity["runner_name"])
+        self._reached_worker = True
 
     def _register(self, name):
         runner_id = self._until_answered("register with the worker",
@@ -1567,8 +1620,11 @@ class Runner:
                 executed = self._work_through(jobs)
             except WorkerKeyRejected:
                 raise
-            except WorkerError as error:
+            except (WorkerError, OSError) as error:
                 delay = failures.next_delay(error if isinstance(error, TransientWorkerError) else None)
+                if isinstance(error, OSError):
+                    error = "Cannot write job records in %s (%s); claiming nothing until it works" % (
+                        self.state.jobs_path, error.strerror or error)
                 LOG.warning("%s; trying again in %.1fs", error, delay)
                 if self._idle_for_too_long():
                     break
@@ -1625,7 +1681,7 @@ class Runner:
         if self._max_jobs and self._jobs_started >= self._max_jobs:
             self._stop(EXIT_JOBS_DONE, "ran %d job(s), as --once/--max-jobs asked" % self._jobs_started)
         elif self._past_max_uptime():
-            self._stop(EXIT_MAX_UPTIME, "up for %gs (--max-uptime); taking no new job"
+            self._stop(EXIT_MAX_UPTIME, "--max-uptime %gs reached; taking no new job"
                        % self.settings.max_uptime)
         return self._stop_code is None
 
@@ -1668,12 +1724,14 @@ class Runner:
         if self._fatal is not None:
             raise self._fatal
 
-    def _sleep(self, seconds, waker):
+    def _sleep(self, seconds, waker, until=None):
+        """Wait ``seconds``, less if shutdown is requested (or ``until()`` turns true)."""
+        until = until or (lambda: self.shutdown.graceful)
         deadline = time.monotonic() + seconds
-        while not self.shutdown.graceful:
+        while not until():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return
+                break
             waker.wait(remaining)
         if waker is self.waker:
             self.shutdown.announce(jobs_running=bool(self._active))
@@ -1681,6 +1739,8 @@ class Runner:
     # -- one job, in its slot
 
     def _start_job(self, record):
+        LOG.info("Claimed job %s (%s)%s", record["job_id"], record["job_type"],
+                 ", attempt %d" % (record["attempts"] + 1) if record.get("attempts") else "")
         self._jobs_started += 1
         self._last_busy = time.monotonic()
         slot = threading.Thread(target=self._job_slot, args=(record,), name="job-slot", daemon=True)
@@ -1708,11 +1768,13 @@ class Runner:
 
     def _run(self, record, waker):
         job_id = record["job_id"]
+        if self.shutdown.immediate:  # the job has not started: the next start runs it
+            LOG.warning("Job %s was claimed as the runner was stopped; it runs when the runner "
+                        "starts again with the state directory %s", job_id, self.state.path)
+            return
         record["attempts"] = record.get("attempts", 0) + 1
         record["started_at"] = time.time()
         self.state.save_job(record)
-        LOG.info("Claimed job %s (%s)%s", job_id, record["job_type"],
-                 "" if record["attempts"] == 1 else ", attempt %d" % record["attempts"])
         progress = JobProgress(self.settings.heartbeat_interval)
         execution = make_execution(self.settings, record["job_type"], record["input_params"], progress, waker)
         heartbeats = HeartbeatPump(progress, WorkerHeartbeats(self.client, record, self._secret),
@@ -1723,15 +1785,18 @@ class Runner:
             report = execution.run(self.settings.job_timeout, self.shutdown)
         finally:
             progress.finish()
-        if report is None:
+        if report is None and progress.cancel_reason == CLAIM_LOST_MESSAGE:
             LOG.warning("Job %s: %s; stopped it and discarded its result", job_id, CLAIM_LOST_MESSAGE)
             self.state.forget_job(job_id)
             return
+        if report is None:
+            report = error_report("Job execution failed: the handler ended without a result", progress.console)
         if "traceback" in report:
             LOG.error("Job %s: the handler raised an exception:\n%s", job_id, report.pop("traceback"))
         if not self.shutdown.immediate:
             heartbeats.join(self.settings.request_timeout)  # no heartbeat may follow the report
-        record["report"] = redact_value(report, self._secret)
+        record["report"] = seal_report(report, self._secret)
+        record["duration"] = time.time() - record["started_at"]
         self.state.save_job(record)
         self._deliver(record, waker)
 
@@ -1773,10 +1838,12 @@ class Runner:
         self._deliver(record, self.waker)
 
     def _deliver(self, record, waker):
-        """Send the record's report until the worker accepts or refuses it; if shutdown or
-        --max-uptime comes first, the record stays on disk and the next start delivers it."""
+        """Send the record's report until the worker accepts it or refuses it for good. A
+        stopping runner (signal, --max-uptime) keeps trying for twice --retry-max, then leaves
+        the record on disk for the next start to deliver."""
         job_id = record["job_id"]
         backoff = RetryBackoff(self.settings.retry_max)
+        give_up_at = None
         while True:
             report = record["report"]
             timeout = HARD_STOP_REPORT_TIMEOUT_S if self.shutdown.immediate else None
@@ -1787,30 +1854,32 @@ class Runner:
             except WorkerKeyRejected:
                 raise
             except TransientWorkerError as error:
-                if self.shutdown.graceful or self._past_max_uptime():
-                    LOG.warning("Could not report job %s (%s); the report stays in %s", job_id, error,
-                                self.state.jobs_path)
-                    return
                 delay = backoff.next_delay(error)
-                LOG.warning("Reporting job %s failed: %s; trying again in %.1fs", job_id, error, delay)
-                self._sleep(delay, waker)
+                if self.shutdown.graceful or self._past_max_uptime():
+                    give_up_at = give_up_at or time.monotonic() + 2 * self.settings.retry_max
+                    if self.shutdown.immediate or time.monotonic() + delay > give_up_at:
+                        LOG.warning("Could not deliver the report of job %s (%s); it stays in %s", job_id,
+                                    error, self.state.jobs_path)
+                        return
+                LOG.warning("Delivering the report of job %s failed: %s; trying again in %.1fs",
+                            job_id, error, delay)
+                self._sleep(delay, waker, until=lambda: self.shutdown.immediate)
             except WorkerRejected as error:
-                if report["kind"] != "complete":
-                    LOG.error("The worker refused the error report of job %s: %s", job_id, error)
+                record["report"] = fallback_report(report, error)
+                if record["report"] is None:
+                    LOG.error("The worker refused the report of job %s: %s", job_id, error)
                     accepted = None
                     break
-                LOG.warning("The worker refused the result of job %s (%s); reporting it failed", job_id, error)
-                record["report"] = error_report("Job execution failed: the worker refused the result: %s"
-                                                % error, report["body"]["console_output"])
+                LOG.warning("The worker refused the report of job %s (%s); reporting it failed", job_id, error)
                 self.state.save_job(record)
         self.state.forget_job(job_id)
         if accepted is False:
             LOG.warning("Job %s was no longer claimed by this runner when its report arrived; "
                         "report discarded", job_id)
         elif accepted and report["kind"] == "complete":
-            LOG.info("Job %s completed in %.1fs", job_id, time.time() - record.get("started_at", time.time()))
+            LOG.info("Job %s completed in %.1fs", job_id, record.get("duration", 0.0))
         elif accepted:
-            LOG.info("Job %s failed: %s", job_id, report["body"]["error_message"].splitlines()[0])
+            LOG.warning("Job %s failed: %s", job_id, report["body"]["error_message"].splitlines()[0])
 
 
 # ---- Running a job locally (`run`) ----------------------------------------------
@@ -1883,8 +1952,9 @@ def parse_run_params(assignments, params_json, params_file):
         try:
             with open(params_file, encoding="utf-8") as stream:
                 params.update(_json_object(stream.read(), "--params-file"))
-        except OSError as error:
-            raise ConfigurationError("cannot read --params-file %s: %s" % (params_file, error.strerror))
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigurationError("cannot read --params-file %s: %s"
+                                     % (params_file, getattr(error, "strerror", None) or error))
     if params_json is not None:
         params.update(_json_object(params_json, "--params"))
     for assignment in assignments:
@@ -1961,13 +2031,18 @@ def build_parser():
     return parser
 
 
+def check_api_key(api_key):
+    if not all(" " < character < "\x7f" for character in api_key):
+        raise ConfigurationError("%s holds characters that cannot go in an HTTP header (a line "
+                                 "break or a space?)" % API_KEY_ENV)
+
+
 def command_runner(args, environ):
     api_key = environ.get(API_KEY_ENV, "").strip()
     if not api_key:
         print(MISSING_KEY_MESSAGE, file=sys.stderr)
         return EXIT_USAGE
-    if not all(" " < character < "\x7f" for character in api_key):
-        raise ConfigurationError("%s holds characters that cannot go in an HTTP header" % API_KEY_ENV)
+    check_api_key(api_key)
     settings = resolve_settings(args, RUNNER_SETTINGS, environ)
     worker_url = check_worker_url(settings.worker_url, settings.allow_insecure_http)
     load_handler_modules(settings.handlers)
@@ -2020,9 +2095,14 @@ def command_check(args, environ, out=None):
     state = StateDirectory(settings.state_dir)
     identity = _check_state_directory(checklist, state)
     api_key = environ.get(API_KEY_ENV, "").strip()
+    try:
+        check_api_key(api_key)
+    except ConfigurationError as error:
+        checklist.problem("Runner key", str(error))
+        api_key = ""
     if api_key:
         checklist.line("Runner key", "set (%s; %d characters)" % (API_KEY_ENV, len(api_key)))
-    else:
+    elif "Runner key" not in checklist.problems:
         checklist.problem("Runner key", "%s is not set: export %s=<your runner key>" % (API_KEY_ENV, API_KEY_ENV))
     if worker_url:
         _check_worker(checklist, WorkerClient(worker_url, api_key or "-", settings.request_timeout),
@@ -2046,22 +2126,37 @@ def command_check(args, environ, out=None):
 
 
 def _check_state_directory(checklist, state):
-    """Report the state directory and identity; returns the saved identity, if any."""
-    try:
-        state.prepare()
-        state.lock()
-        state.unlock()
+    """Report the state directory (without creating or changing anything) and the identity
+    saved in it; returns that identity, if any."""
+    if not os.path.isdir(state.path):
+        parent = os.path.dirname(state.path)
+        while not os.path.exists(parent):  # the runner makes the missing directories
+            parent = os.path.dirname(parent)
+        if os.path.isdir(parent) and os.access(parent, os.W_OK):
+            checklist.line("State directory", "%s (created when the runner starts)" % state.path)
+        else:
+            checklist.problem("State directory", "%s does not exist and %s is not writable" % (state.path, parent))
+        return None
+    if not os.access(state.path, os.W_OK):
+        checklist.problem("State directory", "%s is not writable" % state.path)
+    elif os.path.exists(os.path.join(state.path, state.LOCK_FILE)) and _lock_is_held(state):
+        checklist.problem("State directory", "%s is in use by another runner: give this one its own "
+                          "--state-dir" % state.path)
+    else:
         checklist.line("State directory", "%s (writable)" % state.path)
-    except ConfigurationError as error:
-        checklist.problem("State directory", str(error))
-    except StateDirectoryBusy as error:
-        checklist.line("State directory", "%s: %s" % (state.path, error))
-    except OSError as error:
-        checklist.problem("State directory", "%s is not writable (%s)" % (state.path, error.strerror))
     identity = state.load_identity()
     if identity is None:
         checklist.line("Identity", "none yet: the runner registers when it starts")
     return identity
+
+
+def _lock_is_held(state):
+    try:
+        state.lock()
+    except StateDirectoryBusy:
+        return True
+    state.unlock()
+    return False
 
 
 def _check_worker(checklist, client, identity, key_is_set):
@@ -2069,8 +2164,11 @@ def _check_worker(checklist, client, identity, key_is_set):
         started = time.monotonic()
         client.health()
         checklist.line("Worker", "reachable (%.0f ms)" % ((time.monotonic() - started) * 1000))
-    except WorkerError as error:
+    except TransientWorkerError as error:
         checklist.problem("Worker", "not reachable: %s" % error)
+        return
+    except WorkerError as error:
+        checklist.problem("Worker", "answers, but not as a Runpack worker: %s" % error)
         return
     if not key_is_set:
         return
@@ -2092,7 +2190,9 @@ def _check_worker(checklist, client, identity, key_is_set):
 
 def command_run(args, environ):
     settings = resolve_settings(args, RUN_SETTINGS, environ, {"heartbeat_interval": RUN_HEARTBEAT_INTERVAL_S})
-    load_handler_modules(settings.handlers)
+    environ.pop(API_KEY_ENV, None)  # a local job needs no worker key: its handler must not see one
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is for the output JSON
+        load_handler_modules(settings.handlers)
     params = parse_run_params(args.params, args.params_json, args.params_file)
     configure_logging(sys.stderr, level=logging.CRITICAL)  # the job's console says it all
     try:

@@ -45,8 +45,8 @@ def printer(input_params, heartbeat_callback):
 
 @runpack_runner.job_type("stubborn")
 def stubborn(input_params, heartbeat_callback):
-    """Never calls the callback and ignores SIGTERM: only SIGKILL ends it. Writes its pid first."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """Never calls the callback and ignores the runner's stop signal: only SIGKILL ends it."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     with open(input_params["pid_file"], "w") as stream:
         stream.write(str(os.getpid()))
     time.sleep(input_params.get("seconds", 60))
@@ -66,3 +66,17 @@ def nap(input_params, heartbeat_callback):
             stream.write(str(os.getpid()))
     time.sleep(input_params.get("seconds", 1))
     return {"napped": input_params.get("seconds", 1)}
+
+
+@runpack_runner.job_type("leaves_thread")
+def leaves_thread(input_params, heartbeat_callback):
+    """Returns at once but leaves a non-daemon thread running, as some libraries do."""
+    import threading
+
+    threading.Thread(target=time.sleep, args=(3600,)).start()
+    return {"answer": 42}
+
+
+@runpack_runner.job_type("exits")
+def exits(input_params, heartbeat_callback):
+    sys.exit(3)

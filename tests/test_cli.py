@@ -88,7 +88,12 @@ def test_runner_without_key_says_how_to_set_it_and_exits_2():
 
 
 @pytest.mark.parametrize("env, message", [
-    ({"RUNPACK_POLL_INTERVAL": "often"}, "Error: RUNPACK_POLL_INTERVAL must be a number of seconds, got 'often'"),
+    ({"RUNPACK_POLL_INTERVAL": "often"}, "Error: RUNPACK_POLL_INTERVAL must be a number of seconds above 0, got 'often'"),
+    ({"RUNPACK_RETRY_MAX": "0"}, "Error: RUNPACK_RETRY_MAX must be a number of seconds above 0, got '0'"),
+    ({"RUNPACK_REQUEST_TIMEOUT": "0"}, "Error: RUNPACK_REQUEST_TIMEOUT must be a number of seconds above 0"),
+    ({"RUNPACK_JOB_TIMEOUT": "1e10"}, "Error: RUNPACK_JOB_TIMEOUT must be a number of seconds, got '1e10'"),
+    ({"RUNPACK_WORKER_URL": "https://example.org/?x=1"}, "Error: the worker URL must look like"),
+    ({"RUNPACK_WORKER_URL": "https://user:pw@example.org"}, "Error: the worker URL must look like"),
     ({"RUNPACK_HEARTBEAT_INTERVAL": "-1"}, "Error: RUNPACK_HEARTBEAT_INTERVAL must be a number of seconds"),
     ({"RUNPACK_WORKER_URL": "ftp://example.org"}, "Error: the worker URL must look like https://host[:port]"),
     ({"RUNPACK_WORKER_URL": "http://example.org"}, "Error: refusing to send the runner key over plain http to example.org"),

@@ -204,11 +204,12 @@ def test_many_jobs_leave_no_file_descriptors_or_processes_behind(worker, start_r
     assert children_of(runner.process.pid) == []
 
 
-def test_idle_timeout_also_ends_a_runner_that_cannot_reach_the_worker(worker, start_runner):
+def test_idle_timeout_ends_a_runner_that_never_reaches_the_worker_as_a_failure(worker, start_runner):
     worker.go_down()
     runner = start_runner("--idle-timeout", "1")
-    assert runner.wait() == 6
+    assert runner.wait() == 1, "a batch script must not take an unreachable worker for an empty queue"
     assert "Cannot register with the worker yet" in runner.output
+    assert "ERROR: Stopping without ever reaching the worker" in runner.output
 
 
 def test_concurrent_slots_report_each_job_exactly_once(worker, start_runner):
@@ -219,3 +220,48 @@ def test_concurrent_slots_report_each_job_exactly_once(worker, start_runner):
     assert worker.count("complete") == 150, "a report was sent twice"
     assert runner.stop() == 0
     assert "Unexpected error" not in runner.output
+
+
+def test_a_result_is_reported_even_when_the_handler_leaves_a_thread_running(worker, start_runner):
+    job_id = worker.add_job("leaves_thread", {})
+    start_runner(*HANDLERS, "--job-timeout", "20")
+    worker.wait_until(lambda: status_of(worker, job_id) == "completed", timeout=15)
+    assert worker.job(job_id)["output_data"] == {"answer": 42}
+
+
+def test_sigterm_to_every_process_of_the_runner_still_finishes_the_job(worker, start_runner, tmp_path):
+    """What systemd (KillMode=control-group) and Slurm do: the job is the runner's to finish."""
+    pid_file = str(tmp_path / "nap.pid")
+    job_id = worker.add_job("nap", {"pid_file": pid_file, "seconds": 1.5})
+    runner = start_runner(*HANDLERS)
+    job_pid = read_pid(pid_file)
+    runner.send(signal.SIGTERM)
+    os.kill(job_pid, signal.SIGTERM)
+    assert runner.wait() == 0
+    assert worker.job(job_id)["status"] == "completed"
+
+
+@pytest.mark.parametrize("isolation", [(), ("--in-process",)], ids=["job-process", "in-process"])
+def test_a_handler_calling_sys_exit_fails_its_job_and_leaves_nothing_claimed(worker, start_runner, isolation):
+    job_id = worker.add_job("exits", {})
+    start_runner(*(HANDLERS + isolation))
+    worker.wait_until(lambda: status_of(worker, job_id) == "failed")
+    assert len(worker.job(job_id)["reports"]) == 1
+
+
+def test_check_reports_a_state_directory_in_use_by_another_runner(worker, start_runner, tmp_path):
+    runner = start_runner(state_dir=tmp_path / "shared")
+    worker.wait_until(lambda: worker.count("available") >= 1)
+    result = run_cli("check", "--worker-url", worker.url, "--state-dir", str(tmp_path / "shared"),
+                     env={"RUNPACK_RUNNER_API_KEY": RUNNER_KEY})
+    assert result.returncode == 1
+    assert "is in use by another runner" in result.stdout
+    assert runner.stop() == 0
+
+
+def test_check_changes_nothing_on_disk(worker, tmp_path):
+    state = tmp_path / "not" / "yet"
+    result = run_cli("check", "--worker-url", worker.url, "--state-dir", str(state),
+                     env={"RUNPACK_RUNNER_API_KEY": RUNNER_KEY})
+    assert "created when the runner starts" in result.stdout
+    assert not (tmp_path / "not").exists()

@@ -142,7 +142,7 @@ def test_a_heartbeat_and_a_report_that_never_get_an_answer_stall_neither_the_job
     assert len(heartbeats) >= 2, "heartbeats must go on after the one that hung"
     assert worker.count("complete", job_id=job_id) == 2
     assert len(log_lines(runner, "Heartbeat for job %s failed" % job_id, "timed out")) == 1
-    assert len(log_lines(runner, "Reporting job %s failed" % job_id, "timed out")) == 1
+    assert len(log_lines(runner, "Delivering the report of job %s failed" % job_id, "timed out")) == 1
     later = worker.add_job("hello_world", {"name": "next", "processing_time": 0})
     worker.wait_until(status_is(worker, later, "completed"), timeout=20)
     assert runner.stop() == 0
@@ -253,7 +253,7 @@ def test_report_survives_a_worker_outage_and_is_delivered_once(worker, start_run
     worker.wait_until(status_is(worker, job_id, "in_progress"))
     worker.go_down()
     deadline = time.monotonic() + 15
-    while len(log_lines(runner, "Reporting job %s failed" % job_id)) < 2:
+    while len(log_lines(runner, "Delivering the report of job %s failed" % job_id)) < 2:
         assert time.monotonic() < deadline, runner.output
         time.sleep(0.05)
     record = read_job_record(runner, job_id)
@@ -300,7 +300,7 @@ def test_a_report_answered_with_garbage_is_retried_until_really_accepted(worker,
     job_id = worker.add_job("hello_world", {"name": "html answer", "processing_time": 0})
     runner = start_runner()
     worker.wait_until(status_is(worker, job_id, "completed"), timeout=20)
-    assert len(log_lines(runner, "Reporting job %s failed" % job_id, "not a JSON object")) == 1
+    assert len(log_lines(runner, "Delivering the report of job %s failed" % job_id, "not a JSON object")) == 1
     assert runner.stop() == 0
     assert_settled(worker, runner, {job_id: "completed"})
 
@@ -325,7 +325,7 @@ def test_sigterm_while_the_report_cannot_be_delivered_spools_it_and_the_next_sta
     worker.go_down()
     first.send(signal.SIGTERM)
     assert first.wait(timeout=20) == 0
-    assert "the report stays in" in first.output
+    assert "Could not deliver the report of job" in first.output
     record = read_job_record(first, first_job)
     assert record["report"]["kind"] == "complete"
     assert "1 job record(s) wait" in first.output

@@ -1224,7 +1224,7 @@ class ProcessJobExecution(JobExecution):
         import subprocess
         import tempfile
 
-        self.temporary_dir = tempfile.mkdtemp(prefix="runpack-job-")
+        self.temporary_dir = tempfile.mkdtemp(prefix="%s%d-" % (JOB_TEMP_PREFIX, os.getpid()))
         spec_path = os.path.join(self.temporary_dir, "job.json")
         with open(spec_path, "w", encoding="utf-8") as stream:
             json.dump({"job_type": self.job_type, "input_params": self.input_params,
@@ -1314,6 +1314,34 @@ class ProcessJobExecution(JobExecution):
             self.relay.join(JOB_STOP_GRACE_S)
         if self.temporary_dir:
             shutil.rmtree(self.temporary_dir, ignore_errors=True)
+
+
+JOB_TEMP_PREFIX = "runpack-job-"  # then the runner's pid: see remove_orphaned_job_dirs
+
+
+def remove_orphaned_job_dirs():
+    """Remove the temporary directories of jobs whose runner died without cleaning up
+    (kill -9): a figpack job's can hold megabytes. Returns how many were removed."""
+    import shutil
+    import tempfile
+
+    root, removed = tempfile.gettempdir(), 0
+    for name in os.listdir(root):
+        pid = name[len(JOB_TEMP_PREFIX):].split("-")[0]
+        if name.startswith(JOB_TEMP_PREFIX) and pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _signal_group(pid, signum):
@@ -1515,6 +1543,8 @@ class Runner:
     def run(self):
         """Serve until shut down or a batch limit is reached; returns the process exit code."""
         self.shutdown.install()
+        if not self.settings.in_process and remove_orphaned_job_dirs():
+            LOG.info("Removed the temporary directories of jobs whose runner was killed")
         self.job_types = self._job_types_to_serve()
         if not self.job_types:
             LOG.error("This runner can run none of its job types; stopping")

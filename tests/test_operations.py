@@ -265,3 +265,20 @@ def test_check_changes_nothing_on_disk(worker, tmp_path):
                      env={"RUNPACK_RUNNER_API_KEY": RUNNER_KEY})
     assert "created when the runner starts" in result.stdout
     assert not (tmp_path / "not").exists()
+
+
+def test_temporary_directories_of_a_killed_runners_jobs_are_removed_at_the_next_start(worker, start_runner,
+                                                                                        tmp_path):
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    orphaned = temporary / ("runpack-job-%d-abc123" % finished.pid)
+    alive = temporary / ("runpack-job-%d-def456" % os.getpid())
+    for folder in (orphaned, alive):
+        folder.mkdir()
+        (folder / "big.bin").write_bytes(b"x" * 1000)
+    runner = start_runner(env={"TMPDIR": str(temporary)})
+    worker.wait_until(lambda: worker.count("available") >= 1)
+    assert not orphaned.exists() and alive.exists()
+    assert runner.stop() == 0

@@ -1328,9 +1328,10 @@ def remove_orphaned_job_dirs():
     root, removed = tempfile.gettempdir(), 0
     for name in os.listdir(root):
         pid = name[len(JOB_TEMP_PREFIX):].split("-")[0]
+        path = os.path.join(root, name)
         if name.startswith(JOB_TEMP_PREFIX) and pid.isdigit() and not _process_alive(int(pid)):
-            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-            removed += 1
+            shutil.rmtree(path, ignore_errors=True)
+            removed += not os.path.exists(path)
     return removed
 
 
@@ -1340,7 +1341,7 @@ def _process_alive(pid):
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
-        return True
+        pass
     return True
 
 

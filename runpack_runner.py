@@ -1870,8 +1870,8 @@ class Runner:
 
     def _deliver(self, record, waker):
         """Send the record's report until the worker accepts it or refuses it for good. A
-        stopping runner (signal, --max-uptime) keeps trying for twice --retry-max, then leaves
-        the record on disk for the next start to deliver."""
+        stopping runner (signal, --max-uptime, --idle-timeout) keeps trying for twice
+        --retry-max, then leaves the record on disk for the next start to deliver."""
         job_id = record["job_id"]
         backoff = RetryBackoff(self.settings.retry_max)
         give_up_at = None
@@ -1886,7 +1886,7 @@ class Runner:
                 raise
             except TransientWorkerError as error:
                 delay = backoff.next_delay(error)
-                if self.shutdown.graceful or self._past_max_uptime():
+                if self.shutdown.graceful or self._past_max_uptime() or self._idle_for_too_long():
                     give_up_at = give_up_at or time.monotonic() + 2 * self.settings.retry_max
                     if self.shutdown.immediate or time.monotonic() + delay > give_up_at:
                         LOG.warning("Could not deliver the report of job %s (%s); it stays in %s", job_id,

@@ -1,5 +1,6 @@
 """Job isolation, time limits, batch modes, concurrency and `check`: the real CLI against the fake worker."""
 
+import json
 import os
 import signal
 import subprocess
@@ -282,3 +283,20 @@ def test_temporary_directories_of_a_killed_runners_jobs_are_removed_at_the_next_
     worker.wait_until(lambda: worker.count("available") >= 1)
     assert not orphaned.exists() and alive.exists()
     assert runner.stop() == 0
+
+
+def test_idle_timeout_ends_a_runner_whose_spooled_report_cannot_be_delivered(worker, start_runner, tmp_path):
+    job_id = worker.add_job("hello_world", {"name": "spooled", "processing_time": 0})
+    runner_id = worker.register_runner("earlier")
+    worker.claim_for(job_id, runner_id)
+    jobs = tmp_path / "state" / ".runpack_jobs"
+    jobs.mkdir(parents=True)
+    (jobs / ("%s.json" % job_id)).write_text(json.dumps({
+        "job_id": job_id, "job_type": "hello_world", "input_params": {}, "runner_id": runner_id,
+        "recorded_at": 0, "attempts": 1, "started_at": 0, "duration": 0.1,
+        "report": {"kind": "complete", "body": {"output_data": {"ok": True}, "console_output": ""}}}))
+    worker.add_fault("status", route="complete", times=None)
+    runner = start_runner("--idle-timeout", "1")
+    assert runner.wait() == 6
+    assert (jobs / ("%s.json" % job_id)).exists(), "the report waits on disk for the next start"
+    assert "Could not deliver the report of job" in runner.output

@@ -1616,7 +1616,7 @@ class Runner:
             except TransientWorkerError as error:
                 delay = backoff.next_delay(error)
                 LOG.warning("Cannot %s yet: %s; trying again in %.1fs", what, error, delay)
-                self._sleep(min(delay, self._time_to_next_limit()), self.waker)
+                self._sleep_until_limit(delay)
                 if self.shutdown.graceful or self._idle_for_too_long() or not self._may_take_jobs():
                     raise RunnerStopped()
                 continue
@@ -1659,7 +1659,7 @@ class Runner:
                 LOG.warning("%s; trying again in %.1fs", error, delay)
                 if self._idle_for_too_long():
                     break
-                self._sleep(min(delay, self._time_to_next_limit()), self.waker)
+                self._sleep_until_limit(delay)
                 continue
             if executed:
                 interval = self.settings.poll_interval
@@ -1669,7 +1669,7 @@ class Runner:
             if interval != announced_interval:
                 LOG.info("No jobs available; next poll in %gs", interval)
                 announced_interval = interval
-            self._sleep(min(interval, self._time_to_next_limit()), self.waker)
+            self._sleep_until_limit(interval)
             interval = min(interval + self.settings.poll_interval_step, self.settings.poll_interval_max)
 
     def _work_through(self, jobs):
@@ -1754,6 +1754,10 @@ class Runner:
             self.shutdown.announce(jobs_running=True)
         if self._fatal is not None:
             raise self._fatal
+
+    def _sleep_until_limit(self, seconds):
+        """The main thread's wait, cut short by --idle-timeout or --max-uptime coming due."""
+        self._sleep(min(seconds, self._time_to_next_limit()), self.waker)
 
     def _sleep(self, seconds, waker, until=None):
         """Wait ``seconds``, less if shutdown is requested (or ``until()`` turns true)."""

@@ -17,23 +17,34 @@ __version__ = "0.1.0"
 __license__ = "Apache-2.0"
 
 import argparse
+import codecs
 import contextlib
+import importlib
+import importlib.util
+import ipaddress
 import json
 import logging
 import os
 import random
 import select
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 import traceback
 import types
 import urllib.parse
 
-# urllib.request (14 ms) and logging.handlers (7 ms) are imported where they are first
-# needed, so that `run` and `import runpack_runner` stay fast.
+try:
+    import fcntl
+except ImportError:  # Windows, where msvcrt locks files
+    fcntl = None
+
+# urllib.request (14 ms), logging.handlers (7 ms) and subprocess (2 ms) are imported where
+# they are first needed, so that `run` and `import runpack_runner` stay fast.
 
 
 # ---- Settings ----------------------------------------------------------------
@@ -186,8 +197,6 @@ def resolve_settings(args, names, environ, defaults=None):
 def _is_loopback(host):
     if host == "localhost":
         return True
-    import ipaddress
-
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -210,6 +219,12 @@ def check_worker_url(url, allow_insecure_http):
             "refusing to send the runner key over plain http to %s; use https, or pass "
             "--allow-insecure-http if this network is trusted" % parts.hostname)
     return url.rstrip("/")
+
+
+def check_api_key(api_key):
+    if not all(" " < character < "\x7f" for character in api_key):
+        raise ConfigurationError("%s holds characters that cannot go in an HTTP header (a line "
+                                 "break or a space?)" % API_KEY_ENV)
 
 
 # ---- Logging ------------------------------------------------------------------
@@ -260,11 +275,12 @@ def configure_logging(stream, log_path=None, secret=None, level=logging.INFO):
     LOG.propagate = False
 
 
-# ---- Text limits and small tools ----------------------------------------------
+# ---- Text limits and redaction -------------------------------------------------
 
 CONSOLE_LIMIT = 1048576  # the worker's limits, in JavaScript string length
 OUTPUT_JSON_LIMIT = 512000
 ERROR_MESSAGE_LIMIT = 10240
+REDACTED = "[redacted]"
 
 
 def js_length(text):
@@ -309,13 +325,39 @@ def trim_error_message(message, limit=ERROR_MESSAGE_LIMIT):
 
 
 def redact(text, secret):
-    return text.replace(secret, "[redacted]") if secret and secret in text else text
+    return text.replace(secret, REDACTED) if secret and secret in text else text
 
 
-def timestamped(line):
-    """A console line as the built-in jobs write them: ``[YYYY-mm-dd HH:MM:SS] line``."""
-    return "[%s] %s" % (time.strftime("%Y-%m-%d %H:%M:%S"), line)
+def _redact_everywhere(value, secret):
+    """A copy of a JSON value with ``secret`` replaced in every string, keys included."""
+    if isinstance(value, str):
+        return redact(value, secret)
+    if isinstance(value, dict):
+        return {redact(key, secret): _redact_everywhere(item, secret) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_redact_everywhere(item, secret) for item in value]
+    return value
 
+
+def seal_console(console, secret):
+    """A console as the worker gets it: without the key, then cut to the worker's limit
+    (the replacement can be longer than the key)."""
+    return keep_console_tail(redact(console, secret))
+
+
+def seal_report(report, secret):
+    """A report as it is kept in a custody record and sent: a new ``{kind, body}`` without
+    the key anywhere, within the worker's limits."""
+    body = dict(report["body"])
+    body["console_output"] = seal_console(body["console_output"], secret)
+    if "error_message" in body:
+        body["error_message"] = trim_error_message(redact(body["error_message"], secret))
+    if "output_data" in body:
+        body["output_data"] = _redact_everywhere(body["output_data"], secret)
+    return {"kind": report["kind"], "body": body}
+
+
+# ---- Waiting, and the runner's shutdown signals ---------------------------------
 
 class Waker:
     """Lets a signal handler or another thread cut a thread's wait short.
@@ -339,9 +381,9 @@ class Waker:
         self._reader.close()
         self._writer.close()
 
-    def wait(self, timeout):
-        """Sleep up to ``timeout`` seconds, less if woken."""
-        select.select([self._reader], [], [], max(0.0, timeout))
+    def wait(self, timeout=None):
+        """Sleep until woken, or at most ``timeout`` seconds."""
+        select.select([self._reader], [], [], None if timeout is None else max(0.0, timeout))
         try:
             while self._reader.recv(4096):
                 pass
@@ -349,19 +391,81 @@ class Waker:
             pass
 
 
-# ---- Talking to the worker ---------------------------------------------------
+def wait_until(waker, seconds, done):
+    """Wait ``seconds`` on ``waker``, less once ``done()`` is true: a wake-up that leaves
+    ``done()`` false (another job ended, say) goes back to waiting."""
+    deadline = time.monotonic() + seconds
+    while not done():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        waker.wait(remaining)
+
+
+class ShutdownRequests:
+    """Counts SIGINT/SIGTERM/SIGHUP: the first stops taking new jobs, the second stops the running ones.
+
+    Being a signal handler, it only counts and wakes the threads that wait (each through
+    its own Waker); the main thread does the logging.
+    """
+
+    def __init__(self, waker):
+        self.count, self.signum, self._announced = 0, None, 0
+        self.wakers = {waker}
+
+    def __call__(self, signum, frame=None):
+        self.count += 1
+        self.signum = signum
+        for waker in tuple(self.wakers):
+            waker.wake()
+
+    graceful = property(lambda self: self.count >= 1)
+    immediate = property(lambda self: self.count >= 2)
+
+    def install(self):
+        if threading.current_thread() is threading.main_thread():
+            for name in ("SIGINT", "SIGTERM", "SIGHUP"):  # SIGHUP: the terminal or ssh session closed
+                if hasattr(signal, name):
+                    signal.signal(getattr(signal, name), self)
+
+    def announce(self, jobs_running):
+        if self.count <= self._announced:
+            return
+        self._announced = self.count
+        name = signal.Signals(self.signum).name if self.signum else "a stop request"
+        if self.count >= 2:
+            LOG.warning("Received %s again: stopping the running job now", name)
+        elif jobs_running:
+            LOG.info("Received %s: finishing the running job, then stopping (send it again to stop "
+                     "the job now)", name)
+        else:
+            LOG.info("Received %s: stopping", name)
+
+
+# ---- Talking to the worker: errors, answers, the client, one retry policy ------
+
+class TransientError(Exception):
+    """Worth trying again later: Retrying waits and repeats what raised it."""
+
+    retry_after = None  # seconds to wait, when the other side said so
+
 
 class WorkerError(Exception):
     """A request to the worker did not succeed."""
 
 
-class TransientWorkerError(WorkerError):
-    """Worth retrying: network trouble, a timeout, 5xx, 429, an unreadable answer."""
+class TransientWorkerError(WorkerError, TransientError):
+    """Network trouble, a timeout, 5xx, 429, an unreadable answer."""
 
     def __init__(self, message, status=None, retry_after=None):
         super().__init__(message)
         self.status = status
-        self.retry_after = retry_after  # seconds to wait, when the worker said so (429)
+        self.retry_after = retry_after  # (429) until the worker's rate-limit window ends
+
+
+class RunnerMaybeForgotten(TransientWorkerError):
+    """A 500 to a claim: the worker answers so when it does not know the runner id
+    (and when it crashes); the runner checks its identity before it polls again."""
 
 
 class WorkerRejected(WorkerError):
@@ -376,31 +480,69 @@ class WorkerKeyRejected(WorkerRejected):
     """401: the worker does not accept our key."""
 
 
-class RetryBackoff:
-    """Exponential backoff with full jitter, capped: the n-th wait is uniform in [0, min(cap, 2^n)]."""
-
-    def __init__(self, cap, first=1.0):
-        self.cap, self.first, self.failures = cap, first, 0
-
-    def next_delay(self, error=None):
-        self.failures += 1
-        if error is not None and error.retry_after is not None:
-            return error.retry_after + random.uniform(0, 1)
-        return random.uniform(0, min(self.cap, self.first * 2 ** min(self.failures - 1, 30)))
-
-    def reset(self):
-        self.failures = 0
-
-
 NOT_CLAIMED_BY_US = "not claimed by this runner"
 RATE_LIMIT_WINDOW_S = 60.0  # the worker's rate-limit window: no 429 asks for a longer wait
+NO_SUCH_RUNNER_ID = "00000000-0000-4000-8000-000000000000"  # asks the worker about the key alone
+
+
+def read_answer(where, status, raw, location):
+    """The JSON object of a worker's answer, or the WorkerError its status means."""
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except ValueError:
+        body = None
+    message = _answer_message(body)
+    if 300 <= status < 400:
+        raise TransientWorkerError(
+            "%s: the worker answered %d with a redirect to %s; redirects are not followed, so "
+            "that the key only goes to the worker URL" % (where, status, _origin(location)), status)
+    if status == 429:
+        reset_ms = body.get("resetTime") if isinstance(body, dict) else None
+        wait = (min(RATE_LIMIT_WINDOW_S, max(0.0, reset_ms / 1000.0 - time.time()))
+                if isinstance(reset_ms, (int, float)) else None)
+        raise TransientWorkerError("%s: rate limited by the worker" % where, status, wait)
+    if status >= 500 or status == 408:
+        raise TransientWorkerError("%s: worker error %d %s" % (where, status, message), status)
+    if status == 401:
+        raise WorkerKeyRejected("%s: the worker rejected the runner key (%s)" % (where, message), status)
+    if status >= 400:
+        raise WorkerRejected("%s: %d %s" % (where, status, message), status, body)
+    if not isinstance(body, dict):
+        raise TransientWorkerError("%s: the worker's answer is not a JSON object: %.80r" % (where, raw), status)
+    return body
+
+
+def _answer_message(body):
+    if isinstance(body, dict):
+        return str(body.get("error") or body.get("message") or body)
+    return "(no JSON answer)"
+
+
+def _origin(url):
+    parts = urllib.parse.urlsplit(url or "")
+    return "%s://%s" % (parts.scheme, parts.netloc) if parts.netloc else repr(url)
+
+
+def _reason(error):
+    reason = getattr(error, "reason", None) or error
+    return "%s: %s" % (type(reason).__name__, reason) if str(reason) else type(reason).__name__
+
+
+def _expect(body, name, kind, where):
+    """``body[name]``, which must be of type ``kind`` (or be ``True``, when kind is True)."""
+    value = body.get(name)
+    if value is not True if kind is True else not isinstance(value, kind):
+        raise TransientWorkerError("%s: the worker's answer has no valid %r: %.200r" % (where, name, body))
+    return value
 
 
 class WorkerClient:
-    """The only code that knows the worker's URLs, headers and status codes.
+    """The only code that knows the worker's URLs, headers, status codes and limits.
 
-    Each verb makes exactly one request; callers decide about retrying. Redirects are
-    never followed, so the key goes to the worker URL and nowhere else.
+    Each verb makes exactly one request; callers decide about retrying. Every text that
+    goes to the worker leaves without the key and within the worker's limits, and every
+    error built from an answer leaves without the key (should the worker echo it).
+    Redirects are never followed, so the key goes to the worker URL and nowhere else.
     """
 
     def __init__(self, base_url, api_key, timeout, runner_id=None):
@@ -409,7 +551,7 @@ class WorkerClient:
         import urllib.request
 
         self.base_url, self.timeout, self.runner_id = base_url, timeout, runner_id
-        self._api_key = api_key
+        self._api_key = api_key  # None: only health() can be asked
         self._request_class = urllib.request.Request
         self._answer_error = urllib.error.HTTPError
         self._network_errors = (OSError, ValueError, http.client.HTTPException)
@@ -428,9 +570,8 @@ class WorkerClient:
         self._request("GET", "/health", authorized=False)
 
     def register(self, name, capabilities):
-        body = self._request("POST", "/api/runner/register",
-                             {"name": name, "capabilities": list(capabilities)})
-        return self._expect(body, "runner_id", str, "register")
+        body = self._request("POST", "/api/runner/register", {"name": name, "capabilities": list(capabilities)})
+        return _expect(body, "runner_id", str, "register")
 
     def verify(self, runner_id):
         """True when the worker knows this runner id, False when it answers 404."""
@@ -440,17 +581,22 @@ class WorkerClient:
             if rejected.status == 404 and isinstance(rejected.body, dict) and rejected.body.get("exists") is False:
                 return False
             raise  # a 404 of another shape: not a Runpack worker at this URL
-        return self._expect(body, "exists", True, "verify")
+        return _expect(body, "exists", True, "verify")
+
+    def check_key(self):
+        """Ask whether the worker accepts the key, without a runner id of ours: raises
+        WorkerKeyRejected if not."""
+        self.verify(NO_SUCH_RUNNER_ID)
 
     def available(self, job_types):
         query = urllib.parse.urlencode([("types[]", job_type) for job_type in job_types])
         body = self._request("GET", "/api/runner/jobs/available?" + query, runner_id=self.runner_id)
-        jobs = self._expect(body, "jobs", list, "available")
+        jobs = _expect(body, "jobs", list, "available")
         for job in jobs:
             if not (isinstance(job, dict) and isinstance(job.get("job_id"), str)
                     and isinstance(job.get("job_type"), str)
                     and isinstance(job.get("input_params", {}), dict)):
-                raise TransientWorkerError(self._clean("malformed job in the available list: %.200r" % (job,)))
+                raise TransientWorkerError("malformed job in the available list: %.200r" % (job,))
         return jobs
 
     def claim(self, job_id):
@@ -461,18 +607,27 @@ class WorkerClient:
             if rejected.status == 409:
                 return None
             raise
-        self._expect(body, "success", True, "claim")
-        return self._expect(body, "job", dict, "claim")
+        except TransientWorkerError as error:
+            if error.status == 500:
+                raise RunnerMaybeForgotten(str(error), error.status)
+            raise
+        _expect(body, "success", True, "claim")
+        return _expect(body, "job", dict, "claim")
 
     def heartbeat(self, job_id, progress_current, progress_total, console_output, runner_id=None):
         """True while the job is still ours; False once the worker says it is not."""
         return self._job_request(job_id, "heartbeat", {
             "progress_current": progress_current, "progress_total": progress_total,
-            "console_output": console_output}, runner_id)
+            "console_output": seal_console(console_output, self._api_key)}, runner_id)
 
-    def report(self, job_id, kind, body, runner_id=None, timeout=None):
-        """Send a complete or error report; False when the job is not ours any more."""
-        return self._job_request(job_id, kind, body, runner_id, timeout)
+    def seal_report(self, report):
+        """The report as it is kept in a custody record and sent (see seal_report)."""
+        return seal_report(report, self._api_key)
+
+    def report(self, job_id, report, runner_id=None, timeout=None):
+        """Send a sealed report (complete or error); False when the job is not ours any more."""
+        action = "complete" if report["kind"] == "complete" else "error"
+        return self._job_request(job_id, action, report["body"], runner_id, timeout)
 
     # -- one request
 
@@ -484,11 +639,23 @@ class WorkerClient:
             if rejected.status == 400 and NOT_CLAIMED_BY_US in str(rejected):
                 return False
             raise
-        return self._expect(answer, "success", True, action)
+        return _expect(answer, "success", True, action)
 
     def _request(self, method, path, body=None, runner_id=None, timeout=None, authorized=True):
+        where = "%s %s" % (method, path.split("?")[0])
+        try:
+            status, raw, location = self._exchange(method, path, body, runner_id, timeout, authorized)
+            return read_answer(where, status, raw, location)
+        except self._network_errors as error:
+            message = "%s: cannot reach the worker (%s)" % (where, _reason(error))
+            raise TransientWorkerError(redact(message, self._api_key))
+        except WorkerError as error:  # the one place where answers' texts lose the key
+            error.args = (redact(str(error), self._api_key),)
+            raise
+
+    def _exchange(self, method, path, body, runner_id, timeout, authorized):
         headers = {"Accept": "application/json", "User-Agent": "runpack-runner/" + __version__}
-        if authorized:
+        if authorized and self._api_key:
             headers["Authorization"] = "Bearer " + self._api_key
         data = None
         if body is not None:
@@ -497,73 +664,68 @@ class WorkerClient:
         if runner_id:
             headers["X-Runner-ID"] = runner_id
         request = self._request_class(self.base_url + path, data=data, headers=headers, method=method)
-        where = "%s %s" % (method, path.split("?")[0])
         try:
+            with self._opener.open(request, timeout=timeout or self.timeout) as response:
+                return response.status, response.read(), None
+        except self._answer_error as answer:
+            with answer:
+                return answer.code, answer.read(), answer.headers.get("Location")
+
+
+class RetryBackoff:
+    """Exponential backoff with full jitter, capped: the n-th wait is uniform in [0, min(cap, 2^n)]."""
+
+    def __init__(self, cap, first=1.0):
+        self.cap, self.first, self.failures = cap, first, 0
+
+    def next_delay(self, error=None):
+        self.failures += 1
+        if error is not None and error.retry_after is not None:
+            return error.retry_after + random.uniform(0, 1)
+        return random.uniform(0, min(self.cap, self.first * 2 ** min(self.failures - 1, 30)))
+
+    def reset(self):
+        self.failures = 0
+
+
+class GaveUp(Exception):
+    """Retrying stopped before an answer came; ``error`` is the last failure."""
+
+    def __init__(self, error):
+        super().__init__(str(error))
+        self.error = error
+
+
+class Retrying:
+    """The one retry policy for whatever is worth trying again (TransientError): back off
+    exponentially with full jitter up to --retry-max (a 429 waits for the worker's reset
+    time), one warning per failure, one line once the worker answers again.
+
+    ``wait(seconds)`` sleeps between tries; ``give_up(delay)`` is asked before a wait of
+    ``delay`` seconds and after it (with 0): true ends the retrying with GaveUp.
+    """
+
+    def __init__(self, retry_max, wait, give_up):
+        self.retry_max, self._wait, self._give_up = retry_max, wait, give_up
+
+    def call(self, attempt, failed):
+        """``attempt()``'s result, once it succeeds; ``failed`` starts each warning."""
+        backoff = RetryBackoff(self.retry_max)
+        while True:
             try:
-                with self._opener.open(request, timeout=timeout or self.timeout) as response:
-                    status, raw, location = response.status, response.read(), None
-            except self._answer_error as answer:
-                status, location = answer.code, answer.headers.get("Location")
-                with answer:
-                    raw = answer.read()
-        except self._network_errors as error:
-            raise TransientWorkerError(self._clean("%s: cannot reach the worker (%s)" % (where, _reason(error))))
-        return self._interpret(where, status, raw, location)
-
-    def _interpret(self, where, status, raw, location):
-        try:
-            body = json.loads(raw.decode("utf-8"))
-        except ValueError:
-            body = None
-        message = _answer_message(body)
-        if 300 <= status < 400:
-            raise TransientWorkerError(self._clean(
-                "%s: the worker answered %d with a redirect to %s; redirects are not followed, so "
-                "that the key only goes to %s" % (where, status, _origin(location), self.base_url)), status)
-        if status == 429:
-            reset_ms = body.get("resetTime") if isinstance(body, dict) else None
-            wait = (min(RATE_LIMIT_WINDOW_S, max(0.0, reset_ms / 1000.0 - time.time()))
-                    if isinstance(reset_ms, (int, float)) else None)
-            raise TransientWorkerError("%s: rate limited by the worker" % where, status, wait)
-        if status >= 500 or status == 408:
-            raise TransientWorkerError(self._clean("%s: worker error %d %s" % (where, status, message)), status)
-        if status == 401:
-            raise WorkerKeyRejected(self._clean("%s: the worker rejected the runner key (%s)"
-                                                % (where, message)), status)
-        if status >= 400:
-            raise WorkerRejected(self._clean("%s: %d %s" % (where, status, message)), status, body)
-        if not isinstance(body, dict):
-            raise TransientWorkerError(self._clean("%s: the worker's answer is not a JSON object: %.80r"
-                                                   % (where, raw)), status)
-        return body
-
-    def _expect(self, body, name, kind, where):
-        """``body[name]``, which must be of type ``kind`` (or be ``True``, when kind is True)."""
-        value = body.get(name)
-        if value is not True if kind is True else not isinstance(value, kind):
-            raise TransientWorkerError(self._clean("%s: the worker's answer has no valid %r: %.200r"
-                                                   % (where, name, body)))
-        return value
-
-    def _clean(self, text):
-        """Text built from the worker's answers, without the key should an answer echo it."""
-        return redact(text, self._api_key)
-
-
-def _reason(error):
-    reason = getattr(error, "reason", None) or error
-    return "%s: %s" % (type(reason).__name__, reason) if str(reason) else type(reason).__name__
-
-
-def _answer_message(body):
-    if isinstance(body, dict):
-        return str(body.get("error") or body.get("message") or body)
-    return "(no JSON answer)"
-
-
-def _origin(url):
-    parts = urllib.parse.urlsplit(url or "")
-    return "%s://%s" % (parts.scheme, parts.netloc) if parts.netloc else repr(url)
+                result = attempt()
+            except TransientError as error:
+                delay = backoff.next_delay(error)
+                if self._give_up(delay):
+                    raise GaveUp(error)
+                LOG.warning("%s: %s; trying again in %.1fs", failed, error, delay)
+                self._wait(delay)
+                if self._give_up(0.0):
+                    raise GaveUp(error)
+                continue
+            if backoff.failures:
+                LOG.info("The worker answers again")
+            return result
 
 
 # ---- The state directory: identity, lock, job records -------------------------
@@ -693,9 +855,7 @@ class StateDirectory:
 
 
 def _lock_exclusively(stream):
-    try:
-        import fcntl
-    except ImportError:  # Windows
+    if fcntl is None:
         import msvcrt
 
         msvcrt.locking(stream.fileno(), msvcrt.LK_NBLCK, 1)
@@ -739,8 +899,6 @@ class JobHandler:
 
     def unavailable_reason(self):
         """None when this runner can run the job type, else why not and how to fix it."""
-        import importlib.util
-
         missing = [name for name in self.requires_modules if importlib.util.find_spec(name) is None]
         unset = [name for name in self.requires_env if not os.environ.get(name)]
         reasons = []
@@ -796,9 +954,6 @@ def load_handler_modules(specs):
     Each is ``module``, ``module:attr`` (attr is a dict of job type -> handler) or a
     path to a ``.py`` file. The working directory is importable, as with ``python -m``.
     """
-    import importlib
-    import importlib.util
-
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     for spec in filter(None, (part.strip() for part in specs.split(","))):
@@ -823,6 +978,11 @@ def load_handler_modules(specs):
         except Exception as error:
             raise ConfigurationError("cannot load job handlers from %r: %s: %s"
                                      % (spec, type(error).__name__, error))
+
+
+def timestamped(line):
+    """A console line as the built-in jobs write them: ``[YYYY-mm-dd HH:MM:SS] line``."""
+    return "[%s] %s" % (time.strftime("%Y-%m-%d %H:%M:%S"), line)
 
 
 # ---- Built-in job types --------------------------------------------------------
@@ -944,17 +1104,10 @@ class FigpackRasterPlotJob(JobHandler):
         return dict(identity, figpack_url=figpack_url, console_output="\n".join(console))
 
 
-# ---- Running one job: progress, heartbeats, isolation, the result ---------------
+# ---- Progress and heartbeats ---------------------------------------------------
 
-SHUTDOWN_MESSAGE = "runner was shut down while the job was running"
 CLAIM_LOST_MESSAGE = "the worker says the job is no longer claimed by this runner"
 HEARTBEAT_MIN_GAP_S = 0.5  # the worker allows 120 heartbeats a minute per runner
-JOB_UPDATE_GAP_S = 0.1  # how often a job process passes its progress to the runner
-JOB_STOP_GRACE_S = 5.0  # a job process gets JOB_STOP_SIGNAL, then SIGKILL this much later
-# The runner's own signal to stop a job: a SIGTERM that systemd or Slurm sends to every process
-# of the runner must not stop the job, which the runner means to finish (SIGUSR1 also ends a
-# process the job started, unless it handles it).
-JOB_STOP_SIGNAL = getattr(signal, "SIGUSR1", None)
 PROCESS_OUTPUT_MARKER = "[runpack: output of the job process]"
 _UNCHANGED = object()
 
@@ -1030,16 +1183,17 @@ class JobProgress:
         with self._condition:
             return self.version, self.progress_current, self.progress_total, self.console
 
-    def wait_for_change(self, seen_version, timeout):
+    def wait_for_change(self, seen_version, timeout=None):
         with self._condition:
             self._condition.wait_for(lambda: self.version != seen_version or self.finished, timeout)
 
 
 class HeartbeatPump(threading.Thread):
     """Sends a job's heartbeats from a background thread, so that a handler that never
-    calls heartbeat_callback still keeps its claim: one every interval, and one soon
-    after each progress update, never two within ``min_gap`` seconds. The claim counts
-    as the first, so a job shorter than ``min_gap`` costs no heartbeat at all.
+    calls heartbeat_callback still keeps its claim: one every ``interval`` (None: only on
+    progress), and one soon after each progress update, never two within ``min_gap``
+    seconds. The claim counts as the first, so a job shorter than ``min_gap`` costs no
+    heartbeat at all.
 
     ``send(progress_current, progress_total, console_output)`` returns False once the
     job is no longer ours: the pump then cancels the job and calls ``wake``.
@@ -1049,17 +1203,17 @@ class HeartbeatPump(threading.Thread):
         super().__init__(name="heartbeats", daemon=True)
         self._progress, self._send, self._wake = progress, send, wake
         self._min_gap = min_gap
-        self._interval = max(interval, min_gap)
+        self._interval = None if interval is None else max(interval, min_gap)
 
     def run(self):
         sent_version, sent_at = 0, time.monotonic()
         while not self._progress.finished:
             version, current, total, console = self._progress.snapshot()
+            if version == sent_version and self._interval is None:
+                self._progress.wait_for_change(version)
+                continue
+            due = sent_at + (self._min_gap if version != sent_version else self._interval)
             now = time.monotonic()
-            if version != sent_version:
-                due = sent_at + self._min_gap
-            else:
-                due = sent_at + self._interval
             if now < due:
                 self._progress.wait_for_change(version, due - now)
                 continue
@@ -1070,11 +1224,36 @@ class HeartbeatPump(threading.Thread):
                 return
 
 
+class WorkerHeartbeats:
+    """The HeartbeatPump's ``send`` for a claimed job: one heartbeat, one log line per spell of trouble."""
+
+    def __init__(self, client, record):
+        self._client, self._record = client, record
+        self._failing = False
+
+    def __call__(self, progress_current, progress_total, console_output):
+        job_id = self._record["job_id"]
+        try:
+            ours = self._client.heartbeat(job_id, progress_current, progress_total, console_output,
+                                          runner_id=self._record["runner_id"])
+        except WorkerError as error:
+            if not self._failing:
+                LOG.warning("Heartbeat for job %s failed: %s; still trying", job_id, error)
+            self._failing = True
+            return True
+        if self._failing:
+            LOG.info("Heartbeats for job %s are getting through again", job_id)
+        self._failing = False
+        return ours
+
+
+# ---- Reports: what a handler's end becomes --------------------------------------
+
 def error_report(message, console, details=None):
-    report = {"kind": "error", "body": {"error_message": trim_error_message(message),
-                                        "console_output": keep_console_tail(console)}}
+    """A failure as the worker takes it; ``details`` (a traceback) is for the runner's log."""
+    report = {"kind": "error", "body": {"error_message": message, "console_output": console}}
     if details:
-        report["traceback"] = details  # for the runner's log; not sent to the worker
+        report["traceback"] = details
     return report
 
 
@@ -1096,22 +1275,7 @@ def complete_report(result, console):
     if size > OUTPUT_JSON_LIMIT:
         return error_report("Job execution failed: the output is %d characters of JSON, over the "
                             "worker's limit of %d" % (size, OUTPUT_JSON_LIMIT), console)
-    return {"kind": "complete", "body": {"output_data": output,
-                                         "console_output": keep_console_tail(console)}}
-
-
-def seal_report(report, secret):
-    """The report as it is stored and sent: the key replaced wherever it appears, then the
-    worker's limits applied again (the replacement can be longer than the key)."""
-    text = json.dumps(report)
-    if not secret or secret not in text:
-        return report
-    report = json.loads(redact(text, secret))
-    body = report["body"]
-    body["console_output"] = keep_console_tail(body["console_output"])
-    if "error_message" in body:
-        body["error_message"] = trim_error_message(body["error_message"])
-    return report
+    return {"kind": "complete", "body": {"output_data": output, "console_output": console}}
 
 
 def fallback_report(report, refusal):
@@ -1144,6 +1308,19 @@ def run_handler(handler, input_params, progress):
     return complete_report(result, progress.console)
 
 
+# ---- Job isolation: the job process, from the runner's side and from its own ----
+
+SHUTDOWN_MESSAGE = "runner was shut down while the job was running"
+JOB_UPDATE_GAP_S = 0.1  # how often a job process passes its progress to the runner
+JOB_STOP_GRACE_S = 5.0  # a job process gets JOB_STOP_SIGNAL, then SIGKILL this much later
+# The runner's own signal to stop a job: a SIGTERM that systemd or Slurm sends to every process
+# of the runner must not stop the job, which the runner means to finish (SIGUSR1 also ends a
+# process the job started, unless it handles it).
+JOB_STOP_SIGNAL = getattr(signal, "SIGUSR1", None)
+JOB_TEMP_PREFIX = "runpack-job-"  # then the runner's pid: see remove_orphaned_job_dirs
+JOB_PROCESS_COMMAND = "_job"  # hidden command: the job process's side of ProcessJobExecution
+
+
 class JobExecution:
     """Runs one job's handler and watches for its end, a lost claim, the time limit and a
     second shutdown signal. ``run`` returns the report, or None once the job is no longer
@@ -1165,8 +1342,8 @@ class JobExecution:
                     return None
                 if shutdown is not None and shutdown.immediate:
                     return self._give_up(SHUTDOWN_MESSAGE)
-                remaining = deadline - time.monotonic() if deadline else 3600.0
-                if remaining <= 0:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
                     return self._give_up("Job execution failed: timed out after %g s" % timeout)
                 self.waker.wait(remaining)
             return self.outcome()
@@ -1222,7 +1399,6 @@ class ProcessJobExecution(JobExecution):
 
     def start(self):
         import subprocess
-        import tempfile
 
         self.temporary_dir = tempfile.mkdtemp(prefix="%s%d-" % (JOB_TEMP_PREFIX, os.getpid()))
         spec_path = os.path.join(self.temporary_dir, "job.json")
@@ -1232,7 +1408,7 @@ class ProcessJobExecution(JobExecution):
                        "handlers": self.handler_specs}, stream)
         channel_reader, channel_writer = os.pipe()
         environment = dict(os.environ, TMPDIR=self.temporary_dir, PYTHONUNBUFFERED="1")
-        command = ([sys.executable] + subprocess._args_from_interpreter_flags()
+        command = ([sys.executable] + _interpreter_flags()
                    + [_entry_script(), JOB_PROCESS_COMMAND, spec_path, str(channel_writer)])
         try:
             self.process = subprocess.Popen(
@@ -1249,8 +1425,6 @@ class ProcessJobExecution(JobExecution):
     def _relay(self, channel_reader):
         """Pass the process's messages and output on until it exits and its pipes close;
         this thread alone reads and closes the pipes."""
-        import codecs
-
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         output_reader = self.process.stdout.fileno()
         open_pipes, pending, exited_at = [channel_reader, output_reader], b"", None
@@ -1300,15 +1474,12 @@ class ProcessJobExecution(JobExecution):
     def outcome(self):
         if self.report is not None:
             body = self.report["body"]
-            body["console_output"] = keep_console_tail(
-                merge_console(body["console_output"], self.progress.process_output))
+            body["console_output"] = merge_console(body["console_output"], self.progress.process_output)
             return self.report
         return error_report("Job execution failed: the job process %s"
                             % describe_exit(self.process.returncode), self.progress.console)
 
     def cleanup(self):
-        import shutil
-
         if self.process is not None:
             _signal_group(self.process.pid, signal.SIGKILL)  # whatever the job left running
             self.relay.join(JOB_STOP_GRACE_S)
@@ -1316,15 +1487,48 @@ class ProcessJobExecution(JobExecution):
             shutil.rmtree(self.temporary_dir, ignore_errors=True)
 
 
-JOB_TEMP_PREFIX = "runpack-job-"  # then the runner's pid: see remove_orphaned_job_dirs
+def make_execution(settings, job_type, input_params, progress, waker):
+    if settings.in_process or os.name != "posix":
+        return ThreadJobExecution(job_type, input_params, progress, waker)
+    return ProcessJobExecution(job_type, input_params, progress, waker, settings.handlers)
+
+
+def _interpreter_flags():
+    """The flags of this interpreter that change what a job process imports or how it runs."""
+    flags = sys.flags
+    named = (("-I", flags.isolated), ("-E", flags.ignore_environment), ("-s", flags.no_user_site),
+             ("-B", flags.dont_write_bytecode), ("-P", getattr(flags, "safe_path", False)))
+    options = [flag for flag, is_set in named if is_set] + ["-O"] * flags.optimize
+    options += ["-X", "dev"] * bool(flags.dev_mode) + ["-X", "utf8"] * bool(flags.utf8_mode)
+    return options + ["-W" + option for option in sys.warnoptions]
+
+
+def _entry_script():
+    """The script that started this process, so that a job process registers the same job
+    types: runpack_runner.py itself, the `runpack` console script, or a vendoring script
+    that registers its own types and then calls main()."""
+    script = sys.argv[0] if sys.argv else ""
+    return os.path.abspath(script) if os.path.isfile(script) else os.path.abspath(__file__)
+
+
+def _signal_group(pid, signum):
+    try:
+        os.killpg(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def describe_exit(returncode):
+    if returncode is not None and returncode < 0:
+        name = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else str(-returncode)
+        hint = " (out of memory? the kernel's OOM killer sends SIGKILL)" if name == "SIGKILL" else ""
+        return "was killed by signal %s%s" % (name, hint)
+    return "exited with code %s before reporting a result" % returncode
 
 
 def remove_orphaned_job_dirs():
     """Remove the temporary directories of jobs whose runner died without cleaning up
     (kill -9): a figpack job's can hold megabytes. Returns how many were removed."""
-    import shutil
-    import tempfile
-
     root, removed = tempfile.gettempdir(), 0
     for name in os.listdir(root):
         pid = name[len(JOB_TEMP_PREFIX):].split("-")[0]
@@ -1345,31 +1549,7 @@ def _process_alive(pid):
     return True
 
 
-def _signal_group(pid, signum):
-    try:
-        os.killpg(pid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def describe_exit(returncode):
-    if returncode is not None and returncode < 0:
-        name = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else str(-returncode)
-        hint = " (out of memory? the kernel's OOM killer sends SIGKILL)" if name == "SIGKILL" else ""
-        return "was killed by signal %s%s" % (name, hint)
-    return "exited with code %s before reporting a result" % returncode
-
-
-JOB_PROCESS_COMMAND = "_job"  # hidden command: the job process's side of ProcessJobExecution
-
-
-def _entry_script():
-    """The script that started this process, so that a job process registers the same job
-    types: runpack_runner.py itself, the `runpack` console script, or a vendoring script
-    that registers its own types and then calls main()."""
-    script = sys.argv[0] if sys.argv else ""
-    return os.path.abspath(script) if os.path.isfile(script) else os.path.abspath(__file__)
-
+# The job process's own side: `runpack_runner.py _job <spec> <descriptor>`.
 
 class ParentPipe:
     """The job process's end of the pipe to the runner: one JSON message per line."""
@@ -1420,7 +1600,7 @@ def serve_job_process(spec_path, channel_descriptor):
     load_handler_modules(spec["handlers"])
     parent = ParentPipe(int(channel_descriptor))
     progress = JobProgress(spec["heartbeat_interval"])
-    pump = HeartbeatPump(progress, parent, 3600.0, JOB_UPDATE_GAP_S, lambda: None)
+    pump = HeartbeatPump(progress, parent, None, JOB_UPDATE_GAP_S, lambda: None)
     pump.start()
     report = run_handler(JOB_HANDLERS[spec["job_type"]], spec["input_params"], progress)
     progress.finish()
@@ -1432,112 +1612,228 @@ def serve_job_process(spec_path, channel_descriptor):
     os._exit(EXIT_OK)  # threads the handler left behind must not keep the process, and the job, alive
 
 
-# ---- The runner loop: register, poll with backoff, claim, shutdown ---------------
+# ---- The job slot: one claimed job, from custody record to accepted report ------
+
+HARD_STOP_REPORT_TIMEOUT_S = 5.0  # after a second signal, the last report may not hold up the exit
+
+
+class ReportCourier:
+    """Delivers a custody record's report until the worker accepts it or refuses it for
+    good, then removes the record. A stopping runner (``runner_stopping()``) keeps trying
+    for twice --retry-max, then leaves the record on disk for the next start to deliver."""
+
+    def __init__(self, client, state, shutdown, retry_max, runner_stopping):
+        self.client, self.state, self.shutdown = client, state, shutdown
+        self.retry_max, self._runner_stopping = retry_max, runner_stopping
+
+    def deliver(self, record, waker):
+        job_id = record["job_id"]
+        retrying = Retrying(self.retry_max, lambda seconds: wait_until(waker, seconds, self._stopping_now),
+                            self._give_up_when_stopping())
+        while True:
+            report = record["report"]
+            try:
+                accepted = retrying.call(lambda: self._send(record),
+                                         "Delivering the report of job %s failed" % job_id)
+            except GaveUp as gave_up:
+                LOG.warning("Could not deliver the report of job %s (%s); it stays in %s", job_id,
+                            gave_up.error, self.state.jobs_path)
+                return
+            except WorkerKeyRejected:
+                raise
+            except WorkerRejected as error:
+                fallback = fallback_report(report, error)
+                if fallback is None:
+                    LOG.error("The worker refused the report of job %s: %s", job_id, error)
+                    accepted = None
+                    break
+                LOG.warning("The worker refused the report of job %s (%s); reporting it failed", job_id, error)
+                record["report"] = self.client.seal_report(fallback)
+                self.state.save_job(record)
+                continue
+            break
+        self.state.forget_job(job_id)
+        self._log_outcome(record, accepted)
+
+    def _send(self, record):
+        timeout = HARD_STOP_REPORT_TIMEOUT_S if self.shutdown.immediate else None
+        return self.client.report(record["job_id"], record["report"], runner_id=record["runner_id"],
+                                  timeout=timeout)
+
+    def _stopping_now(self):
+        return self.shutdown.immediate
+
+    def _give_up_when_stopping(self):
+        give_up_at = []
+
+        def give_up(delay):
+            if not self._runner_stopping():
+                return False
+            if not give_up_at:
+                give_up_at.append(time.monotonic() + 2 * self.retry_max)
+            return self.shutdown.immediate or time.monotonic() + delay > give_up_at[0]
+        return give_up
+
+    @staticmethod
+    def _log_outcome(record, accepted):
+        job_id, report = record["job_id"], record["report"]
+        if accepted is False:
+            LOG.warning("Job %s was no longer claimed by this runner when its report arrived; "
+                        "report discarded", job_id)
+        elif accepted and report["kind"] == "complete":
+            LOG.info("Job %s completed in %.1fs", job_id, record.get("duration", 0.0))
+        elif accepted:
+            LOG.warning("Job %s failed: %s", job_id, report["body"]["error_message"].splitlines()[0])
+
+
+class JobSlot(threading.Thread):
+    """The work horse: runs one claimed job in its own thread — the job itself (in a job
+    process), its heartbeats, the report kept in the custody record, its delivery — while
+    the runner's loop goes on. ``on_exit(slot)`` is called last, from this thread."""
+
+    def __init__(self, record, settings, client, state, shutdown, courier, on_exit):
+        super().__init__(name="job-slot", daemon=True)
+        self.record, self.settings, self.client, self.state = record, settings, client, state
+        self.shutdown, self.courier, self._on_exit = shutdown, courier, on_exit
+        self.fatal = None  # a WorkerKeyRejected that must stop the runner
+        self.waker = Waker()
+
+    @property
+    def job_id(self):
+        return self.record["job_id"]
+
+    def run(self):
+        self.shutdown.wakers.add(self.waker)
+        try:
+            self._run_job()
+        except WorkerKeyRejected as error:
+            self.fatal = error
+        except Exception:
+            LOG.exception("Unexpected error with job %s; its record stays in %s", self.job_id,
+                          self.state.jobs_path)
+        finally:
+            self.shutdown.wakers.discard(self.waker)
+            self.waker.close()
+            self._on_exit(self)
+
+    def _run_job(self):
+        record = self.record
+        if self.shutdown.immediate:  # the job has not started: the next start runs it
+            LOG.warning("Job %s was claimed as the runner was stopped; it runs when the runner "
+                        "starts again with the state directory %s", self.job_id, self.state.path)
+            return
+        record["attempts"] = record.get("attempts", 0) + 1
+        record["started_at"] = time.time()
+        self.state.save_job(record)
+        progress = JobProgress(self.settings.heartbeat_interval)
+        report = self._execute(progress)
+        if report is None and progress.cancel_reason == CLAIM_LOST_MESSAGE:
+            LOG.warning("Job %s: %s; stopped it and discarded its result", self.job_id, CLAIM_LOST_MESSAGE)
+            self.state.forget_job(self.job_id)
+            return
+        if report is None:
+            report = error_report("Job execution failed: the handler ended without a result", progress.console)
+        if "traceback" in report:
+            LOG.error("Job %s: the handler raised an exception:\n%s", self.job_id, report["traceback"])
+        record["report"] = self.client.seal_report(report)
+        record["duration"] = time.time() - record["started_at"]
+        self.state.save_job(record)
+        self.courier.deliver(record, self.waker)
+
+    def _execute(self, progress):
+        """Run the job with its heartbeats; the report, or None once the job is not ours.
+        The worker's 120 heartbeats a minute are per runner, shared by all its slots:
+        hence each slot's minimum gap grows with --concurrency."""
+        execution = make_execution(self.settings, self.record["job_type"], self.record["input_params"],
+                                   progress, self.waker)
+        heartbeats = HeartbeatPump(progress, WorkerHeartbeats(self.client, self.record),
+                                   self.settings.heartbeat_interval,
+                                   HEARTBEAT_MIN_GAP_S * self.settings.concurrency, self.waker.wake)
+        heartbeats.start()
+        try:
+            report = execution.run(self.settings.job_timeout, self.shutdown)
+        finally:
+            progress.finish()
+        if not self.shutdown.immediate:
+            heartbeats.join(self.settings.request_timeout)  # no heartbeat may follow the report
+        return report
+
+
+# ---- The runner loop: identity, poll, claim, batch limits ------------------------
 
 MAX_RUN_ATTEMPTS = 2  # a job whose run the runner process did not survive is run once more, then failed
-HARD_STOP_REPORT_TIMEOUT_S = 5.0  # after a second signal, the last report may not hold up the exit
-MISSING_KEY_MESSAGE = """Error: RUNPACK_RUNNER_API_KEY environment variable is not set
-Set it to the runner key of your Runpack worker, then start the runner again:
-    export RUNPACK_RUNNER_API_KEY=<your runner key>
-    python3 runpack_runner.py runner"""
 
 
-class RunnerStopped(Exception):
-    """Shutdown was requested while the runner was waiting for the worker."""
+class JobRecordsUnwritable(TransientError):
+    """The state directory cannot take a custody record: no claim until it can."""
 
 
-class ShutdownRequests:
-    """Counts SIGINT/SIGTERM/SIGHUP: the first stops taking new jobs, the second stops the running ones.
+class BatchLimits:
+    """When a batch runner's work is over: --once/--max-jobs, --max-uptime, --idle-timeout."""
 
-    Being a signal handler, it only counts and wakes the threads that wait (each through
-    its own Waker); the main thread does the logging.
-    """
+    def __init__(self, settings):
+        self.max_jobs = 1 if settings.once else settings.max_jobs
+        self.max_uptime, self.idle_timeout = settings.max_uptime, settings.idle_timeout
+        self.jobs_started = 0
+        self.started_at = self.last_busy = time.monotonic()
 
-    def __init__(self, waker):
-        self.count, self.signum, self._announced = 0, None, 0
-        self.wakers = {waker}
+    def job_started(self):
+        self.jobs_started += 1
+        self.busy()
 
-    def __call__(self, signum, frame=None):
-        self.count += 1
-        self.signum = signum
-        for waker in tuple(self.wakers):
-            waker.wake()
+    def busy(self):
+        self.last_busy = time.monotonic()
 
-    graceful = property(lambda self: self.count >= 1)
-    immediate = property(lambda self: self.count >= 2)
+    def reached(self, idle):
+        """(exit code, why) of the first limit reached, or None; --idle-timeout counts only
+        when ``idle`` (no job running)."""
+        now = time.monotonic()
+        if self.max_jobs and self.jobs_started >= self.max_jobs:
+            return EXIT_JOBS_DONE, "ran %d job(s), as --once/--max-jobs asked" % self.jobs_started
+        if self.max_uptime and now - self.started_at >= self.max_uptime:
+            return EXIT_MAX_UPTIME, "--max-uptime %gs reached; taking no new job" % self.max_uptime
+        if idle and self.idle_timeout and now - self.last_busy >= self.idle_timeout:
+            return EXIT_IDLE, "no job for %gs (--idle-timeout)" % self.idle_timeout
+        return None
 
-    def install(self):
-        if threading.current_thread() is threading.main_thread():
-            for name in ("SIGINT", "SIGTERM", "SIGHUP"):  # SIGHUP: the terminal or ssh session closed
-                if hasattr(signal, name):
-                    signal.signal(getattr(signal, name), self)
-
-    def announce(self, jobs_running):
-        if self.count <= self._announced:
-            return
-        self._announced = self.count
-        name = signal.Signals(self.signum).name if self.signum else "a stop request"
-        if self.count >= 2:
-            LOG.warning("Received %s again: stopping the running job now", name)
-        elif jobs_running:
-            LOG.info("Received %s: finishing the running job, then stopping (send it again to stop "
-                     "the job now)", name)
-        else:
-            LOG.info("Received %s: stopping", name)
+    def seconds_left(self, idle):
+        """Seconds until --max-uptime (or, when ``idle``, --idle-timeout) comes due; None if never."""
+        now, left = time.monotonic(), []
+        if self.max_uptime:
+            left.append(self.started_at + self.max_uptime - now)
+        if idle and self.idle_timeout:
+            left.append(self.last_busy + self.idle_timeout - now)
+        return max(0.0, min(left)) if left else None
 
 
-class WorkerHeartbeats:
-    """The HeartbeatPump's ``send`` for a claimed job: one heartbeat, one log line per spell of trouble."""
-
-    def __init__(self, client, record, secret):
-        self._client, self._record, self._secret = client, record, secret
-        self._failing = False
-
-    def __call__(self, progress_current, progress_total, console_output):
-        job_id = self._record["job_id"]
-        console = keep_console_tail(redact(console_output, self._secret))
-        try:
-            ours = self._client.heartbeat(job_id, progress_current, progress_total, console,
-                                          runner_id=self._record["runner_id"])
-        except WorkerError as error:
-            if not self._failing:
-                LOG.warning("Heartbeat for job %s failed: %s; still trying", job_id, error)
-            self._failing = True
-            return True
-        if self._failing:
-            LOG.info("Heartbeats for job %s are getting through again", job_id)
-        self._failing = False
-        return ours
-
-
-def make_execution(settings, job_type, input_params, progress, waker):
-    if settings.in_process or os.name != "posix":
-        return ThreadJobExecution(job_type, input_params, progress, waker)
-    return ProcessJobExecution(job_type, input_params, progress, waker, settings.handlers)
+def new_custody_record(listed_job, runner_id):
+    """The record written before a claim; it gets the report once the job has run."""
+    return {"job_id": listed_job["job_id"], "job_type": listed_job["job_type"],
+            "input_params": listed_job.get("input_params", {}), "runner_id": runner_id,
+            "recorded_at": time.time(), "attempts": 0, "report": None}
 
 
 class Runner:
-    """Registers, polls with backoff, claims down the list and runs each job in a job slot
-    (a thread that runs the job, sends its heartbeats and delivers its report), up to
-    ``concurrency`` at once.
+    """Registers, polls with backoff and claims down the polled list, giving each claimed
+    job to a JobSlot, up to --concurrency at once; applies the batch limits and signals.
 
     Every claimed job has a custody record in the state directory from before the claim
     until the worker accepted its report, so no crash, restart or network outage can
     leave a job claimed with nobody to finish it.
     """
 
-    def __init__(self, settings, client, state, secret=None):
+    def __init__(self, settings, client, state):
         self.settings, self.client, self.state = settings, client, state
         self.waker = Waker()
         self.shutdown = ShutdownRequests(self.waker)
+        self.limits = BatchLimits(settings)
+        self.courier = ReportCourier(client, state, self.shutdown, settings.retry_max,
+                                     lambda: self._decide_stop(idle=True))
+        self.retrying = Retrying(settings.retry_max, self._sleep_until_limit, self._stops_retrying)
         self.job_types = []
-        self._secret = secret
-        self._active = {}  # job id -> its job slot thread
-        self._lock = threading.Lock()
+        self._slots = {}  # job id -> its JobSlot
+        self._lock = threading.Lock()  # guards _slots, _fatal and _stop_code
         self._fatal = None
-        self._jobs_started = 0
-        self._max_jobs = 1 if settings.once else settings.max_jobs
-        self._started_at = self._last_busy = time.monotonic()
         self._stop_code = None
         self._reached_worker = False  # registered or verified: a batch limit before that is a failure
 
@@ -1554,11 +1850,11 @@ class Runner:
             try:
                 self._establish_identity()
                 self._serve()
-            except RunnerStopped:
+            except GaveUp:
                 if self._stop_code is not None and not self._reached_worker:
                     LOG.error("Stopping without ever reaching the worker at %s", self.client.base_url)
                     return EXIT_FAILURE
-            self._wait_for_jobs()
+            self._wait_for_slots()
         except WorkerKeyRejected as error:
             LOG.error("%s; stopping. Check RUNPACK_RUNNER_API_KEY and start the runner again", error)
             return EXIT_KEY_REJECTED
@@ -1592,7 +1888,8 @@ class Runner:
         identity = self.state.load_identity()
         if identity is None:
             self._register(new_runner_name())
-        elif self._until_answered("verify the runner", lambda: self.client.verify(identity["runner_id"])):
+        elif self.retrying.call(lambda: self.client.verify(identity["runner_id"]),
+                                "Cannot verify the runner yet"):
             self.client.runner_id = identity["runner_id"]
             LOG.info("Verified runner %s (id %s)", identity["runner_name"], identity["runner_id"])
         else:
@@ -1602,27 +1899,11 @@ class Runner:
         self._reached_worker = True
 
     def _register(self, name):
-        runner_id = self._until_answered("register with the worker",
-                                         lambda: self.client.register(name, self.job_types))
+        runner_id = self.retrying.call(lambda: self.client.register(name, self.job_types),
+                                       "Cannot register with the worker yet")
         self.client.runner_id = runner_id
         self.state.save_identity(runner_id, name)
         LOG.info("Registered as %s (id %s)", name, runner_id)
-
-    def _until_answered(self, what, call):
-        backoff = RetryBackoff(self.settings.retry_max)
-        while True:
-            try:
-                answer = call()
-            except TransientWorkerError as error:
-                delay = backoff.next_delay(error)
-                LOG.warning("Cannot %s yet: %s; trying again in %.1fs", what, error, delay)
-                self._sleep_until_limit(delay)
-                if self.shutdown.graceful or self._idle_for_too_long() or not self._may_take_jobs():
-                    raise RunnerStopped()
-                continue
-            if backoff.failures:
-                LOG.info("The worker answers again")
-            return answer
 
     def _reregister_if_forgotten(self):
         identity = self.state.load_identity() or {}
@@ -1635,36 +1916,14 @@ class Runner:
     def _serve(self):
         interval = self.settings.poll_interval
         announced_interval = None
-        failures = RetryBackoff(self.settings.retry_max)
-        while self._may_take_jobs():
+        while not self._decide_stop():
             if self._slots_full():
                 self._wait_for_a_slot()
                 continue
-            try:
-                self._settle_job_records()
-                if not self._may_take_jobs():
-                    break
-                jobs = self.client.available(self.job_types)
-                if failures.failures:
-                    LOG.info("The worker answers again")
-                failures.reset()
-                executed = self._work_through(jobs)
-            except WorkerKeyRejected:
-                raise
-            except (WorkerError, OSError) as error:
-                delay = failures.next_delay(error if isinstance(error, TransientWorkerError) else None)
-                if isinstance(error, OSError):
-                    error = "Cannot write job records in %s (%s); claiming nothing until it works" % (
-                        self.state.jobs_path, error.strerror or error)
-                LOG.warning("%s; trying again in %.1fs", error, delay)
-                if self._idle_for_too_long():
-                    break
-                self._sleep_until_limit(delay)
-                continue
-            if executed:
+            if self.retrying.call(self._poll_round, "Cannot take jobs yet"):
                 interval = self.settings.poll_interval
                 continue
-            if self._idle_for_too_long():
+            if self._decide_stop(idle=True):
                 break
             if interval != announced_interval:
                 LOG.info("No jobs available; next poll in %gs", interval)
@@ -1672,182 +1931,60 @@ class Runner:
             self._sleep_until_limit(interval)
             interval = min(interval + self.settings.poll_interval_step, self.settings.poll_interval_max)
 
+    def _poll_round(self):
+        """Settle left custody records, poll once and claim down the list; True if a job was
+        started. Any failure ends the round, to be retried: the loop never dies of one."""
+        try:
+            self._settle_job_records()
+            if self._decide_stop():
+                return False
+            return self._work_through(self.client.available(self.job_types))
+        except WorkerKeyRejected:
+            raise
+        except WorkerRejected as error:  # a 4xx to a poll or a claim: worth a later try, not a stop
+            raise TransientWorkerError(str(error), error.status)
+        except OSError as error:
+            raise JobRecordsUnwritable("cannot write job records in %s (%s); claiming nothing until "
+                                       "it works" % (self.state.jobs_path, error.strerror or error))
+
     def _work_through(self, jobs):
         """Claim down the polled list while slots are free; True if any job was started."""
-        executed = False
+        started = False
         for listed in jobs:
             if self._slots_full():
                 self._wait_for_a_slot()
-            if not self._may_take_jobs():
+            if self._decide_stop():
                 break
-            if listed["job_type"] not in self.job_types or listed["job_id"] in self._active:
+            if listed["job_type"] not in self.job_types or listed["job_id"] in self._running():
                 continue
-            record = {"job_id": listed["job_id"], "job_type": listed["job_type"],
-                      "input_params": listed.get("input_params", {}),
-                      "runner_id": self.client.runner_id, "recorded_at": time.time(),
-                      "attempts": 0, "report": None}
+            record = new_custody_record(listed, self.client.runner_id)
             self.state.save_job(record)
             try:
                 job = self.client.claim(record["job_id"])
-            except TransientWorkerError as error:
-                if error.status == 500:  # the worker answers 500 to a claim from an unknown runner
-                    self._reregister_if_forgotten()
+            except RunnerMaybeForgotten:
+                self._reregister_if_forgotten()
                 raise  # the record is settled before the next poll: was the claim ours?
             if job is None:
                 self.state.forget_job(record["job_id"])
                 continue
             if isinstance(job.get("input_params"), dict):
                 record["input_params"] = job["input_params"]
-            executed = True
-            self._start_job(record)
-        return executed
+            self._start_slot(record)
+            started = True
+        return started
 
-    # -- limits: signals, batch modes, free slots
-
-    def _may_take_jobs(self):
-        if self._fatal is not None:
-            raise self._fatal
-        if self.shutdown.graceful or self._stop_code is not None:
-            return False
-        if self._max_jobs and self._jobs_started >= self._max_jobs:
-            self._stop(EXIT_JOBS_DONE, "ran %d job(s), as --once/--max-jobs asked" % self._jobs_started)
-        elif self._past_max_uptime():
-            self._stop(EXIT_MAX_UPTIME, "--max-uptime %gs reached; taking no new job"
-                       % self.settings.max_uptime)
-        return self._stop_code is None
-
-    def _past_max_uptime(self):
-        uptime = self.settings.max_uptime
-        return bool(uptime) and time.monotonic() - self._started_at >= uptime
-
-    def _idle_for_too_long(self):
-        idle = self.settings.idle_timeout
-        if idle and not self._active and time.monotonic() - self._last_busy >= idle:
-            self._stop(EXIT_IDLE, "no job for %gs (--idle-timeout)" % idle)
-        return self._stop_code is not None
-
-    def _time_to_next_limit(self):
-        """Seconds until --idle-timeout or --max-uptime would end the runner (an hour if neither)."""
-        now, limits = time.monotonic(), [3600.0]
-        if self.settings.idle_timeout and not self._active:
-            limits.append(self._last_busy + self.settings.idle_timeout - now)
-        if self.settings.max_uptime:
-            limits.append(self._started_at + self.settings.max_uptime - now)
-        return max(0.0, min(limits))
-
-    def _stop(self, exit_code, why):
-        if self._stop_code is None:
-            self._stop_code = exit_code
-            LOG.info("Stopping: %s", why)
-
-    def _slots_full(self):
-        return len(self._active) >= self.settings.concurrency
-
-    def _wait_for_a_slot(self):
-        while self._slots_full() and not self.shutdown.graceful and self._fatal is None:
-            self.waker.wait(3600.0)
-            self.shutdown.announce(jobs_running=True)
-
-    def _wait_for_jobs(self):
-        while self._active:
-            self.waker.wait(3600.0)
-            self.shutdown.announce(jobs_running=True)
-        if self._fatal is not None:
-            raise self._fatal
-
-    def _sleep_until_limit(self, seconds):
-        """The main thread's wait, cut short by --idle-timeout or --max-uptime coming due."""
-        self._sleep(min(seconds, self._time_to_next_limit()), self.waker)
-
-    def _sleep(self, seconds, waker, until=None):
-        """Wait ``seconds``, less if shutdown is requested (or ``until()`` turns true)."""
-        until = until or (lambda: self.shutdown.graceful)
-        deadline = time.monotonic() + seconds
-        while not until():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            waker.wait(remaining)
-        if waker is self.waker:
-            self.shutdown.announce(jobs_running=bool(self._active))
-
-    # -- one job, in its slot
-
-    def _start_job(self, record):
-        LOG.info("Claimed job %s (%s)%s", record["job_id"], record["job_type"],
-                 ", attempt %d" % (record["attempts"] + 1) if record.get("attempts") else "")
-        self._jobs_started += 1
-        self._last_busy = time.monotonic()
-        slot = threading.Thread(target=self._job_slot, args=(record,), name="job-slot", daemon=True)
-        with self._lock:
-            self._active[record["job_id"]] = slot
-        slot.start()
-
-    def _job_slot(self, record):
-        waker = Waker()
-        self.shutdown.wakers.add(waker)
-        try:
-            self._run(record, waker)
-        except WorkerKeyRejected as error:
-            self._fatal = error
-        except Exception:
-            LOG.exception("Unexpected error with job %s; its record stays in %s", record["job_id"],
-                          self.state.jobs_path)
-        finally:
-            self.shutdown.wakers.discard(waker)
-            waker.close()
-            with self._lock:
-                self._active.pop(record["job_id"], None)
-            self._last_busy = time.monotonic()
-            self.waker.wake()
-
-    def _run(self, record, waker):
-        job_id = record["job_id"]
-        if self.shutdown.immediate:  # the job has not started: the next start runs it
-            LOG.warning("Job %s was claimed as the runner was stopped; it runs when the runner "
-                        "starts again with the state directory %s", job_id, self.state.path)
-            return
-        record["attempts"] = record.get("attempts", 0) + 1
-        record["started_at"] = time.time()
-        self.state.save_job(record)
-        progress = JobProgress(self.settings.heartbeat_interval)
-        execution = make_execution(self.settings, record["job_type"], record["input_params"], progress, waker)
-        heartbeats = HeartbeatPump(progress, WorkerHeartbeats(self.client, record, self._secret),
-                                   self.settings.heartbeat_interval,
-                                   HEARTBEAT_MIN_GAP_S * self.settings.concurrency, waker.wake)
-        heartbeats.start()
-        try:
-            report = execution.run(self.settings.job_timeout, self.shutdown)
-        finally:
-            progress.finish()
-        if report is None and progress.cancel_reason == CLAIM_LOST_MESSAGE:
-            LOG.warning("Job %s: %s; stopped it and discarded its result", job_id, CLAIM_LOST_MESSAGE)
-            self.state.forget_job(job_id)
-            return
-        if report is None:
-            report = error_report("Job execution failed: the handler ended without a result", progress.console)
-        if "traceback" in report:
-            LOG.error("Job %s: the handler raised an exception:\n%s", job_id, report.pop("traceback"))
-        if not self.shutdown.immediate:
-            heartbeats.join(self.settings.request_timeout)  # no heartbeat may follow the report
-        record["report"] = seal_report(report, self._secret)
-        record["duration"] = time.time() - record["started_at"]
-        self.state.save_job(record)
-        self._deliver(record, waker)
-
-    # -- custody records
+    # -- custody records left by an earlier process or an unanswered claim
 
     def _settle_job_records(self):
-        """Finish the custody of jobs left by an earlier process or an unanswered claim:
-        spooled reports are delivered first, then interrupted jobs are resumed."""
-        active = set(self._active)  # before reading: a slot forgets its record before it leaves
-        records = [record for record in self.state.job_records() if record["job_id"] not in active]
+        """Spooled reports are delivered first, then interrupted jobs are resumed."""
+        running = self._running()  # before reading: a slot forgets its record before it leaves
+        records = [record for record in self.state.job_records() if record["job_id"] not in running]
         for record in sorted(records, key=lambda record: record.get("report") is None):
             if self.shutdown.graceful or self._slots_full():
                 return
             if record.get("report"):
                 LOG.info("Delivering the spooled report of job %s", record["job_id"])
-                self._deliver(record, self.waker)
+                self.courier.deliver(record, self.waker)
             else:
                 self._resume(record)
 
@@ -1864,57 +2001,76 @@ class Runner:
             if attempts < MAX_RUN_ATTEMPTS:
                 if attempts:
                     LOG.warning("The runner stopped while running job %s; running it again", job_id)
-                self._start_job(record)
+                self._start_slot(record)
                 return
             reason = "the runner process ended while running this job, %d times" % attempts
         LOG.error("Job %s cannot be run again: %s", job_id, reason)
-        record["report"] = error_report("Job execution failed: %s" % reason, "")
+        record["report"] = self.client.seal_report(error_report("Job execution failed: %s" % reason, ""))
         self.state.save_job(record)
-        self._deliver(record, self.waker)
+        self.courier.deliver(record, self.waker)
 
-    def _deliver(self, record, waker):
-        """Send the record's report until the worker accepts it or refuses it for good. A
-        stopping runner (signal, --max-uptime, --idle-timeout) keeps trying for twice
-        --retry-max, then leaves the record on disk for the next start to deliver."""
-        job_id = record["job_id"]
-        backoff = RetryBackoff(self.settings.retry_max)
-        give_up_at = None
-        while True:
-            report = record["report"]
-            timeout = HARD_STOP_REPORT_TIMEOUT_S if self.shutdown.immediate else None
-            try:
-                accepted = self.client.report(job_id, report["kind"], report["body"],
-                                              runner_id=record["runner_id"], timeout=timeout)
-                break
-            except WorkerKeyRejected:
-                raise
-            except TransientWorkerError as error:
-                delay = backoff.next_delay(error)
-                if self.shutdown.graceful or self._past_max_uptime() or self._idle_for_too_long():
-                    give_up_at = give_up_at or time.monotonic() + 2 * self.settings.retry_max
-                    if self.shutdown.immediate or time.monotonic() + delay > give_up_at:
-                        LOG.warning("Could not deliver the report of job %s (%s); it stays in %s", job_id,
-                                    error, self.state.jobs_path)
-                        return
-                LOG.warning("Delivering the report of job %s failed: %s; trying again in %.1fs",
-                            job_id, error, delay)
-                self._sleep(delay, waker, until=lambda: self.shutdown.immediate)
-            except WorkerRejected as error:
-                record["report"] = fallback_report(report, error)
-                if record["report"] is None:
-                    LOG.error("The worker refused the report of job %s: %s", job_id, error)
-                    accepted = None
-                    break
-                LOG.warning("The worker refused the report of job %s (%s); reporting it failed", job_id, error)
-                self.state.save_job(record)
-        self.state.forget_job(job_id)
-        if accepted is False:
-            LOG.warning("Job %s was no longer claimed by this runner when its report arrived; "
-                        "report discarded", job_id)
-        elif accepted and report["kind"] == "complete":
-            LOG.info("Job %s completed in %.1fs", job_id, record.get("duration", 0.0))
-        elif accepted:
-            LOG.warning("Job %s failed: %s", job_id, report["body"]["error_message"].splitlines()[0])
+    # -- job slots
+
+    def _start_slot(self, record):
+        LOG.info("Claimed job %s (%s)%s", record["job_id"], record["job_type"],
+                 ", attempt %d" % (record["attempts"] + 1) if record.get("attempts") else "")
+        self.limits.job_started()
+        slot = JobSlot(record, self.settings, self.client, self.state, self.shutdown, self.courier,
+                       self._slot_ended)
+        with self._lock:
+            self._slots[slot.job_id] = slot
+        slot.start()
+
+    def _slot_ended(self, slot):
+        with self._lock:
+            self._slots.pop(slot.job_id, None)
+            self._fatal = self._fatal or slot.fatal
+        self.limits.busy()
+        self.waker.wake()
+
+    def _running(self):
+        """The ids of the jobs in slots now."""
+        with self._lock:
+            return set(self._slots)
+
+    def _slots_full(self):
+        return len(self._running()) >= self.settings.concurrency
+
+    def _wait_for_a_slot(self):
+        while self._slots_full() and not self.shutdown.graceful and self._fatal is None:
+            self.waker.wait()
+            self.shutdown.announce(jobs_running=True)
+
+    def _wait_for_slots(self):
+        while self._running():
+            self.waker.wait()
+            self.shutdown.announce(jobs_running=True)
+        if self._fatal is not None:
+            raise self._fatal
+
+    # -- stopping: signals and batch limits
+
+    def _decide_stop(self, idle=False):
+        """Raise a slot's fatal error; record the stop once a batch limit is reached
+        (--idle-timeout only when ``idle``). Returns True once the runner takes no new job."""
+        if self._fatal is not None:
+            raise self._fatal
+        reached = self.limits.reached(idle=idle and not self._running())
+        with self._lock:
+            if reached and self._stop_code is None:
+                self._stop_code = reached[0]
+                LOG.info("Stopping: %s", reached[1])
+        return self.shutdown.graceful or self._stop_code is not None
+
+    def _stops_retrying(self, delay):
+        return self._decide_stop(idle=True)
+
+    def _sleep_until_limit(self, seconds):
+        """The main thread's wait, cut short by a shutdown request or by --idle-timeout or
+        --max-uptime coming due."""
+        left = self.limits.seconds_left(idle=not self._running())
+        wait_until(self.waker, seconds if left is None else min(seconds, left), lambda: self.shutdown.graceful)
+        self.shutdown.announce(jobs_running=bool(self._running()))
 
 
 # ---- Running a job locally (`run`) ----------------------------------------------
@@ -2032,73 +2188,21 @@ def run_locally(job_type, input_params, settings, out=None, err=None):
     return EXIT_FAILURE
 
 
-# ---- Command line ---------------------------------------------------------------
-
-def build_parser():
-    parser = argparse.ArgumentParser(
-        prog="runpack", description="Runpack runner: serve jobs from a Runpack worker, or run one here.")
-    parser.add_argument("--version", action="version", version="runpack-runner " + __version__)
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    runner = commands.add_parser(
-        "runner", help="register with the worker and serve jobs until stopped",
-        description="Serve jobs from a Runpack worker. Needs %s in the environment. The first "
-                    "SIGINT/SIGTERM finishes the running job and stops; a second one stops the job "
-                    "now and reports it failed." % API_KEY_ENV)
-    add_setting_flags(runner, RUNNER_SETTINGS)
-    check = commands.add_parser(
-        "check", help="say whether this machine can serve jobs, and what to fix if not",
-        description="Check the settings, the key, the worker and the job types; exit 0 only if "
-                    "the runner could serve.")
-    add_setting_flags(check, CHECK_SETTINGS)
-    run = commands.add_parser(
-        "run", help="run one job here, without a worker or key",
-        description="Run one job locally and print its output JSON, e.g. "
-                    "`run hello_world name=Alice processing_time=3`.")
-    run.add_argument("job_type", help="the job type, e.g. hello_world")
-    run.add_argument("params", nargs="*", metavar="KEY=VALUE",
-                     help="a parameter; the value is read as JSON when it parses, else as a string")
-    run.add_argument("--params", dest="params_json", metavar="JSON", help="parameters as a JSON object")
-    run.add_argument("--params-file", metavar="FILE", help="a file holding parameters as a JSON object")
-    add_setting_flags(run, RUN_SETTINGS, {"heartbeat_interval": RUN_HEARTBEAT_INTERVAL_S})
-    job_process = commands.add_parser(JOB_PROCESS_COMMAND)  # not listed: see ProcessJobExecution
-    job_process.add_argument("spec_path")
-    job_process.add_argument("channel_descriptor")
-    return parser
-
-
-def check_api_key(api_key):
-    if not all(" " < character < "\x7f" for character in api_key):
-        raise ConfigurationError("%s holds characters that cannot go in an HTTP header (a line "
-                                 "break or a space?)" % API_KEY_ENV)
-
-
-def command_runner(args, environ):
-    api_key = environ.get(API_KEY_ENV, "").strip()
-    if not api_key:
-        print(MISSING_KEY_MESSAGE, file=sys.stderr)
-        return EXIT_USAGE
-    check_api_key(api_key)
-    settings = resolve_settings(args, RUNNER_SETTINGS, environ)
-    worker_url = check_worker_url(settings.worker_url, settings.allow_insecure_http)
-    load_handler_modules(settings.handlers)
-    state = StateDirectory(settings.state_dir)
-    state.prepare()
+def command_run(args, environ):
+    settings = resolve_settings(args, RUN_SETTINGS, environ, {"heartbeat_interval": RUN_HEARTBEAT_INTERVAL_S})
+    environ.pop(API_KEY_ENV, None)  # a local job needs no worker key: its handler must not see one
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is for the output JSON
+        load_handler_modules(settings.handlers)
+    params = parse_run_params(args.params, args.params_json, args.params_file)
+    configure_logging(sys.stderr, level=logging.CRITICAL)  # the job's console says it all
     try:
-        state.lock()
-    except StateDirectoryBusy as error:
-        print("Error: %s" % error, file=sys.stderr)
-        return EXIT_STATE_DIR_BUSY
-    environ.pop(API_KEY_ENV, None)  # job handlers and the processes they start never see the key
-    configure_logging(sys.stdout, os.path.join(state.path, settings.log_file), secret=api_key)
-    LOG.info("Runpack runner %s starting (Python %s): worker %s, state directory %s", __version__,
-             sys.version.split()[0], worker_url, state.path)
-    client = WorkerClient(worker_url, api_key, settings.request_timeout)
-    try:
-        return Runner(settings, client, state, secret=api_key).run()
-    except Exception:
-        LOG.exception("Unexpected error; the runner stops (job records stay in %s)", state.jobs_path)
-        return EXIT_FAILURE
+        return run_locally(args.job_type, params, settings)
+    except KeyboardInterrupt:
+        print("\nInterrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
 
+
+# ---- Checking a machine (`check`) ----------------------------------------------
 
 class Checklist:
     """The report of `check`: one line per item, and whether the runner could serve."""
@@ -2140,7 +2244,7 @@ def command_check(args, environ, out=None):
     elif "Runner key" not in checklist.problems:
         checklist.problem("Runner key", "%s is not set: export %s=<your runner key>" % (API_KEY_ENV, API_KEY_ENV))
     if worker_url:
-        _check_worker(checklist, WorkerClient(worker_url, api_key or "-", settings.request_timeout),
+        _check_worker(checklist, WorkerClient(worker_url, api_key or None, settings.request_timeout),
                       identity, bool(api_key))
     try:
         load_handler_modules(settings.handlers)
@@ -2207,9 +2311,11 @@ def _check_worker(checklist, client, identity, key_is_set):
         return
     if not key_is_set:
         return
-    runner_id = identity["runner_id"] if identity else "00000000-0000-4000-8000-000000000000"
     try:
-        known = client.verify(runner_id)
+        if identity:
+            known = client.verify(identity["runner_id"])
+        else:
+            client.check_key()
     except WorkerKeyRejected:
         checklist.problem("Runner key", "the worker rejected it (401): check %s" % API_KEY_ENV)
         return
@@ -2219,22 +2325,76 @@ def _check_worker(checklist, client, identity, key_is_set):
     checklist.line("Runner key", "accepted by the worker")
     if identity:
         checklist.line("Identity", "%s (id %s): %s" % (
-            identity["runner_name"], runner_id,
+            identity["runner_name"], identity["runner_id"],
             "known to the worker" if known else "unknown to the worker; registers again at start"))
 
 
-def command_run(args, environ):
-    settings = resolve_settings(args, RUN_SETTINGS, environ, {"heartbeat_interval": RUN_HEARTBEAT_INTERVAL_S})
-    environ.pop(API_KEY_ENV, None)  # a local job needs no worker key: its handler must not see one
-    with contextlib.redirect_stdout(sys.stderr):  # stdout is for the output JSON
-        load_handler_modules(settings.handlers)
-    params = parse_run_params(args.params, args.params_json, args.params_file)
-    configure_logging(sys.stderr, level=logging.CRITICAL)  # the job's console says it all
+# ---- Command line ---------------------------------------------------------------
+
+MISSING_KEY_MESSAGE = """Error: RUNPACK_RUNNER_API_KEY environment variable is not set
+Set it to the runner key of your Runpack worker, then start the runner again:
+    export RUNPACK_RUNNER_API_KEY=<your runner key>
+    python3 runpack_runner.py runner"""
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="runpack", description="Runpack runner: serve jobs from a Runpack worker, or run one here.")
+    parser.add_argument("--version", action="version", version="runpack-runner " + __version__)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    runner = commands.add_parser(
+        "runner", help="register with the worker and serve jobs until stopped",
+        description="Serve jobs from a Runpack worker. Needs %s in the environment. The first "
+                    "SIGINT/SIGTERM finishes the running job and stops; a second one stops the job "
+                    "now and reports it failed." % API_KEY_ENV)
+    add_setting_flags(runner, RUNNER_SETTINGS)
+    check = commands.add_parser(
+        "check", help="say whether this machine can serve jobs, and what to fix if not",
+        description="Check the settings, the key, the worker and the job types; exit 0 only if "
+                    "the runner could serve.")
+    add_setting_flags(check, CHECK_SETTINGS)
+    run = commands.add_parser(
+        "run", help="run one job here, without a worker or key",
+        description="Run one job locally and print its output JSON, e.g. "
+                    "`run hello_world name=Alice processing_time=3`.")
+    run.add_argument("job_type", help="the job type, e.g. hello_world")
+    run.add_argument("params", nargs="*", metavar="KEY=VALUE",
+                     help="a parameter; the value is read as JSON when it parses, else as a string")
+    run.add_argument("--params", dest="params_json", metavar="JSON", help="parameters as a JSON object")
+    run.add_argument("--params-file", metavar="FILE", help="a file holding parameters as a JSON object")
+    add_setting_flags(run, RUN_SETTINGS, {"heartbeat_interval": RUN_HEARTBEAT_INTERVAL_S})
+    job_process = commands.add_parser(JOB_PROCESS_COMMAND)  # not listed: see ProcessJobExecution
+    job_process.add_argument("spec_path")
+    job_process.add_argument("channel_descriptor")
+    return parser
+
+
+def command_runner(args, environ):
+    api_key = environ.get(API_KEY_ENV, "").strip()
+    if not api_key:
+        print(MISSING_KEY_MESSAGE, file=sys.stderr)
+        return EXIT_USAGE
+    check_api_key(api_key)
+    settings = resolve_settings(args, RUNNER_SETTINGS, environ)
+    worker_url = check_worker_url(settings.worker_url, settings.allow_insecure_http)
+    load_handler_modules(settings.handlers)
+    state = StateDirectory(settings.state_dir)
+    state.prepare()
     try:
-        return run_locally(args.job_type, params, settings)
-    except KeyboardInterrupt:
-        print("\nInterrupted", file=sys.stderr)
-        return 128 + signal.SIGINT
+        state.lock()
+    except StateDirectoryBusy as error:
+        print("Error: %s" % error, file=sys.stderr)
+        return EXIT_STATE_DIR_BUSY
+    environ.pop(API_KEY_ENV, None)  # job handlers and the processes they start never see the key
+    configure_logging(sys.stdout, os.path.join(state.path, settings.log_file), secret=api_key)
+    LOG.info("Runpack runner %s starting (Python %s): worker %s, state directory %s", __version__,
+             sys.version.split()[0], worker_url, state.path)
+    client = WorkerClient(worker_url, api_key, settings.request_timeout)
+    try:
+        return Runner(settings, client, state).run()
+    except Exception:
+        LOG.exception("Unexpected error; the runner stops (job records stay in %s)", state.jobs_path)
+        return EXIT_FAILURE
 
 
 def main(argv=None):
@@ -2267,3 +2427,4 @@ if __name__ == "__main__":
     # with a registry of its own.
     sys.modules.setdefault("runpack_runner", sys.modules[__name__])
     sys.exit(main())
+

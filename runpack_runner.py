@@ -227,54 +227,6 @@ def check_api_key(api_key):
                                  "break or a space?)" % API_KEY_ENV)
 
 
-# ---- Logging ------------------------------------------------------------------
-
-LOG = logging.getLogger("runpack")
-LOG_FORMAT = "[%(asctime)s] %(levelname)s: %(message)s"
-LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
-LOG_FILE_MAX_BYTES = 10 * 1024 * 1024
-LOG_FILE_BACKUPS = 3
-
-
-class SecretFilter(logging.Filter):
-    """Replaces the API key in every log record, tracebacks included: a last line of defence."""
-
-    def __init__(self, secret):
-        super().__init__()
-        self._secret = secret
-
-    def filter(self, record):
-        if self._secret:
-            message = record.getMessage()
-            if record.exc_info:
-                message += "\n" + logging.Formatter().formatException(record.exc_info)
-                record.exc_info, record.exc_text = None, None
-            record.msg, record.args = redact(message, self._secret), None
-        return True
-
-
-def configure_logging(stream, log_path=None, secret=None, level=logging.INFO):
-    """Log to a stream and, for the runner, to a size-rotated file."""
-    formatter = logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT)
-    handlers = [logging.StreamHandler(stream)]
-    if log_path:
-        from logging.handlers import RotatingFileHandler
-
-        try:
-            handlers.append(RotatingFileHandler(
-                log_path, maxBytes=LOG_FILE_MAX_BYTES, backupCount=LOG_FILE_BACKUPS, encoding="utf-8"))
-        except OSError as error:
-            raise ConfigurationError("cannot write the log file %s: %s" % (log_path, error.strerror))
-    for old in list(LOG.handlers):
-        LOG.removeHandler(old)
-    for handler in handlers:
-        handler.setFormatter(formatter)
-        handler.addFilter(SecretFilter(secret))
-        LOG.addHandler(handler)
-    LOG.setLevel(level)
-    LOG.propagate = False
-
-
 # ---- Text limits and redaction -------------------------------------------------
 
 CONSOLE_LIMIT = 1048576  # the worker's limits, in JavaScript string length
@@ -355,6 +307,54 @@ def seal_report(report, secret):
     if "output_data" in body:
         body["output_data"] = _redact_everywhere(body["output_data"], secret)
     return {"kind": report["kind"], "body": body}
+
+
+# ---- Logging ------------------------------------------------------------------
+
+LOG = logging.getLogger("runpack")
+LOG_FORMAT = "[%(asctime)s] %(levelname)s: %(message)s"
+LOG_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+LOG_FILE_MAX_BYTES = 10 * 1024 * 1024
+LOG_FILE_BACKUPS = 3
+
+
+class SecretFilter(logging.Filter):
+    """Replaces the API key in every log record, tracebacks included: a last line of defence."""
+
+    def __init__(self, secret):
+        super().__init__()
+        self._secret = secret
+
+    def filter(self, record):
+        if self._secret:
+            message = record.getMessage()
+            if record.exc_info:
+                message += "\n" + logging.Formatter().formatException(record.exc_info)
+                record.exc_info, record.exc_text = None, None
+            record.msg, record.args = redact(message, self._secret), None
+        return True
+
+
+def configure_logging(stream, log_path=None, secret=None, level=logging.INFO):
+    """Log to a stream and, for the runner, to a size-rotated file."""
+    formatter = logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT)
+    handlers = [logging.StreamHandler(stream)]
+    if log_path:
+        from logging.handlers import RotatingFileHandler
+
+        try:
+            handlers.append(RotatingFileHandler(
+                log_path, maxBytes=LOG_FILE_MAX_BYTES, backupCount=LOG_FILE_BACKUPS, encoding="utf-8"))
+        except OSError as error:
+            raise ConfigurationError("cannot write the log file %s: %s" % (log_path, error.strerror))
+    for old in list(LOG.handlers):
+        LOG.removeHandler(old)
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        handler.addFilter(SecretFilter(secret))
+        LOG.addHandler(handler)
+    LOG.setLevel(level)
+    LOG.propagate = False
 
 
 # ---- Waiting, and the runner's shutdown signals ---------------------------------
@@ -528,6 +528,11 @@ def _reason(error):
     return "%s: %s" % (type(reason).__name__, reason) if str(reason) else type(reason).__name__
 
 
+def _claimed_job(answer):
+    _expect(answer, "success", True, "claim")
+    return _expect(answer, "job", dict, "claim")
+
+
 def _expect(body, name, kind, where):
     """``body[name]``, which must be of type ``kind`` (or be ``True``, when kind is True)."""
     value = body.get(name)
@@ -536,12 +541,21 @@ def _expect(body, name, kind, where):
     return value
 
 
+def _listed_jobs(answer):
+    jobs = _expect(answer, "jobs", list, "available")
+    for job in jobs:
+        if not (isinstance(job, dict) and isinstance(job.get("job_id"), str)
+                and isinstance(job.get("job_type"), str) and isinstance(job.get("input_params", {}), dict)):
+            raise TransientWorkerError("malformed job in the available list: %.200r" % (job,))
+    return jobs
+
+
 class WorkerClient:
     """The only code that knows the worker's URLs, headers, status codes and limits.
 
     Each verb makes exactly one request; callers decide about retrying. Every text that
     goes to the worker leaves without the key and within the worker's limits, and every
-    error built from an answer leaves without the key (should the worker echo it).
+    answer loses the key (should the worker echo it) before anything is read from it.
     Redirects are never followed, so the key goes to the worker URL and nowhere else.
     """
 
@@ -570,18 +584,18 @@ class WorkerClient:
         self._request("GET", "/health", authorized=False)
 
     def register(self, name, capabilities):
-        body = self._request("POST", "/api/runner/register", {"name": name, "capabilities": list(capabilities)})
-        return _expect(body, "runner_id", str, "register")
+        return self._request("POST", "/api/runner/register", {"name": name, "capabilities": list(capabilities)},
+                             read=lambda answer: _expect(answer, "runner_id", str, "register"))
 
     def verify(self, runner_id):
         """True when the worker knows this runner id, False when it answers 404."""
         try:
-            body = self._request("GET", "/api/runner/verify", runner_id=runner_id)
+            return self._request("GET", "/api/runner/verify", runner_id=runner_id,
+                                 read=lambda answer: _expect(answer, "exists", True, "verify"))
         except WorkerRejected as rejected:
             if rejected.status == 404 and isinstance(rejected.body, dict) and rejected.body.get("exists") is False:
                 return False
             raise  # a 404 of another shape: not a Runpack worker at this URL
-        return _expect(body, "exists", True, "verify")
 
     def check_key(self):
         """Ask whether the worker accepts the key, without a runner id of ours: raises
@@ -590,19 +604,14 @@ class WorkerClient:
 
     def available(self, job_types):
         query = urllib.parse.urlencode([("types[]", job_type) for job_type in job_types])
-        body = self._request("GET", "/api/runner/jobs/available?" + query, runner_id=self.runner_id)
-        jobs = _expect(body, "jobs", list, "available")
-        for job in jobs:
-            if not (isinstance(job, dict) and isinstance(job.get("job_id"), str)
-                    and isinstance(job.get("job_type"), str)
-                    and isinstance(job.get("input_params", {}), dict)):
-                raise TransientWorkerError("malformed job in the available list: %.200r" % (job,))
-        return jobs
+        return self._request("GET", "/api/runner/jobs/available?" + query, runner_id=self.runner_id,
+                             read=_listed_jobs)
 
     def claim(self, job_id):
         """The claimed job, or None when it is taken, finished or gone (409)."""
         try:
-            body = self._request("POST", "/api/runner/jobs/%s/claim" % job_id, runner_id=self.runner_id)
+            return self._request("POST", "/api/runner/jobs/%s/claim" % job_id, runner_id=self.runner_id,
+                                 read=_claimed_job)
         except WorkerRejected as rejected:
             if rejected.status == 409:
                 return None
@@ -611,8 +620,6 @@ class WorkerClient:
             if error.status == 500:
                 raise RunnerMaybeForgotten(str(error), error.status)
             raise
-        _expect(body, "success", True, "claim")
-        return _expect(body, "job", dict, "claim")
 
     def heartbeat(self, job_id, progress_current, progress_total, console_output, runner_id=None):
         """True while the job is still ours; False once the worker says it is not."""
@@ -633,25 +640,26 @@ class WorkerClient:
 
     def _job_request(self, job_id, action, body, runner_id, timeout=None):
         try:
-            answer = self._request("POST", "/api/runner/jobs/%s/%s" % (job_id, action), body,
-                                   runner_id=runner_id or self.runner_id, timeout=timeout)
+            return self._request("POST", "/api/runner/jobs/%s/%s" % (job_id, action), body,
+                                 runner_id=runner_id or self.runner_id, timeout=timeout,
+                                 read=lambda answer: _expect(answer, "success", True, action))
         except WorkerRejected as rejected:
             if rejected.status == 400 and NOT_CLAIMED_BY_US in str(rejected):
                 return False
             raise
-        return _expect(answer, "success", True, action)
 
-    def _request(self, method, path, body=None, runner_id=None, timeout=None, authorized=True):
+    def _request(self, method, path, body=None, runner_id=None, timeout=None, authorized=True, read=None):
+        """One request; ``read(answer)`` picks what the verb returns out of the answer."""
         where = "%s %s" % (method, path.split("?")[0])
         try:
             status, raw, location = self._exchange(method, path, body, runner_id, timeout, authorized)
-            return read_answer(where, status, raw, location)
         except self._network_errors as error:
-            message = "%s: cannot reach the worker (%s)" % (where, _reason(error))
-            raise TransientWorkerError(redact(message, self._api_key))
-        except WorkerError as error:  # the one place where answers' texts lose the key
-            error.args = (redact(str(error), self._api_key),)
-            raise
+            raise TransientWorkerError("%s: cannot reach the worker (%s)" % (where, _reason(error)))
+        if self._api_key:  # should the worker echo the key, nothing built from its answer shows it
+            raw = raw.replace(self._api_key.encode("utf-8"), REDACTED.encode("ascii"))
+            location = location and redact(location, self._api_key)
+        answer = read_answer(where, status, raw, location)
+        return read(answer) if read else answer
 
     def _exchange(self, method, path, body, runner_id, timeout, authorized):
         headers = {"Accept": "application/json", "User-Agent": "runpack-runner/" + __version__}
@@ -673,7 +681,8 @@ class WorkerClient:
 
 
 class RetryBackoff:
-    """Exponential backoff with full jitter, capped: the n-th wait is uniform in [0, min(cap, 2^n)]."""
+    """Exponential backoff with full jitter, capped: the n-th wait is uniform in
+    [0, min(cap, first * 2^(n-1))]."""
 
     def __init__(self, cap, first=1.0):
         self.cap, self.first, self.failures = cap, first, 0
@@ -1113,7 +1122,14 @@ _UNCHANGED = object()
 
 
 def _progress_number(value):
-    return None if value is None else int(value)
+    """A progress count as the worker takes it; a handler's bad value is its bug, not a
+    parameter error (hence TypeError, not ValueError)."""
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise TypeError("heartbeat_callback takes whole numbers or None as progress, got %r" % (value,))
 
 
 def merge_console(handler_console, process_output):
@@ -1278,15 +1294,21 @@ def complete_report(result, console):
     return {"kind": "complete", "body": {"output_data": output, "console_output": console}}
 
 
+FALLBACK_MESSAGE_LIMIT = 1000
+
+
 def fallback_report(report, refusal):
     """What to send when the worker refused a report with a 4xx, so that the job still ends:
-    a failure saying so, then the same without the console; None when even that was refused."""
+    a failure saying so, with the console, then without it; None once the refused report
+    was already that small (however the refusals are worded, the falling back ends)."""
+    body = report["body"]
     message = trim_error_message("Job execution failed: the worker refused the %s report: %s"
-                                 % (report["kind"], refusal), 1000)
+                                 % (report["kind"], refusal), FALLBACK_MESSAGE_LIMIT)
     if report["kind"] == "complete":
-        return error_report(message, report["body"]["console_output"])
-    minimal = error_report(message, "")
-    return None if report == minimal else minimal
+        return error_report(message, body["console_output"])
+    if body["console_output"] or js_length(body["error_message"]) > FALLBACK_MESSAGE_LIMIT:
+        return error_report(message, "")
+    return None
 
 
 def run_handler(handler, input_params, progress):
@@ -1635,6 +1657,7 @@ class ReportCourier:
             try:
                 accepted = retrying.call(lambda: self._send(record),
                                          "Delivering the report of job %s failed" % job_id)
+                break
             except GaveUp as gave_up:
                 LOG.warning("Could not deliver the report of job %s (%s); it stays in %s", job_id,
                             gave_up.error, self.state.jobs_path)
@@ -1650,8 +1673,6 @@ class ReportCourier:
                 LOG.warning("The worker refused the report of job %s (%s); reporting it failed", job_id, error)
                 record["report"] = self.client.seal_report(fallback)
                 self.state.save_job(record)
-                continue
-            break
         self.state.forget_job(job_id)
         self._log_outcome(record, accepted)
 
@@ -1664,14 +1685,16 @@ class ReportCourier:
         return self.shutdown.immediate
 
     def _give_up_when_stopping(self):
-        give_up_at = []
+        """Retrying's give_up for one delivery: never while the runner goes on; once it
+        stops, after twice --retry-max, or at once on a second signal."""
+        give_up_at = None
 
         def give_up(delay):
+            nonlocal give_up_at
             if not self._runner_stopping():
                 return False
-            if not give_up_at:
-                give_up_at.append(time.monotonic() + 2 * self.retry_max)
-            return self.shutdown.immediate or time.monotonic() + delay > give_up_at[0]
+            give_up_at = give_up_at or time.monotonic() + 2 * self.retry_max
+            return self.shutdown.immediate or time.monotonic() + delay > give_up_at
         return give_up
 
     @staticmethod
@@ -1832,7 +1855,7 @@ class Runner:
         self.retrying = Retrying(settings.retry_max, self._sleep_until_limit, self._stops_retrying)
         self.job_types = []
         self._slots = {}  # job id -> its JobSlot
-        self._lock = threading.Lock()  # guards _slots, _fatal and _stop_code
+        self._lock = threading.Lock()  # slot threads end themselves: _slots is read and changed under it
         self._fatal = None
         self._stop_code = None
         self._reached_worker = False  # registered or verified: a batch limit before that is a failure

@@ -1,9 +1,14 @@
 """A fake Runpack worker for tests: the worker's HTTP contract, over real sockets, with fault injection.
 
-The fake follows ``shared/worker-api.md`` to the letter: status codes, error bodies, the order of the
-header checks (X-Runner-ID before auth on ``/api/runner/jobs/*``), size limits counted in JavaScript
-string length, fixed-window rate limits, submit deduplication with figpack re-validation, and the admin
-routes.  It listens on 127.0.0.1 on a port chosen by the OS and never logs to stderr.
+The fake follows ``shared/worker-api.md`` to the letter for what it implements: status codes, error
+bodies, the order of the header checks (X-Runner-ID before auth on ``/api/runner/jobs/*``), size limits
+counted in JavaScript string length, fixed-window rate limits, and submit deduplication with figpack
+re-validation.  It listens on 127.0.0.1 on a port chosen by the OS and never logs to stderr.
+
+Not implemented here: admin, check, status (``/api/admin/*``, ``POST /api/jobs/check`` and
+``GET /api/jobs/{id}``): the runner never calls them, and tests read the state directly instead.  A
+request to one of them gets the 404 ``{"error": "Not found"}`` of an unknown route (after the
+submit-key check, for ``/api/jobs/*``).
 
 Tests create work and read state directly (``add_job``, ``job``, ``jobs``, ``requests``, ``count``,
 ``wait_until``) and break the service on purpose with ``add_fault`` (errors, hangs, slow answers,
@@ -35,20 +40,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 RUNNER_KEY = "runner-key-0123456789abcdef"
 SUBMIT_KEY = "submit-key-0123456789abcdef"
-ADMIN_KEY = "admin-key-0123456789abcdef"
 
 CONSOLE_OUTPUT_LIMIT = 1048576
 OUTPUT_JSON_LIMIT = 512000
 ERROR_MESSAGE_LIMIT = 10240
 INPUT_PARAMS_LIMIT = 102400
-SUBMIT_RATE_LIMIT = 10      # submit + check, per client address and window
-STATUS_RATE_LIMIT = 60      # GET /api/jobs/{id}, per client address and window
-ADMIN_LIST_LIMIT = 100      # default `limit` of GET /api/admin/jobs
+SUBMIT_RATE_LIMIT = 10      # submit, per client address and window
 FIGPACK_TIMEOUT_S = 5.0
 
-JOB_STATUSES = ("pending", "claimed", "in_progress", "completed", "failed")
 ROUTES = ("health", "register", "verify", "available", "claim", "heartbeat", "complete", "error",
-          "submit", "check", "status", "admin", "unknown")
+          "submit", "unknown")
 FAULT_KINDS = ("status", "hang", "slow", "garbage", "bad_shape", "reset", "redirect", "rate_limit")
 
 NOT_FOUND = {"error": "Not found"}
@@ -141,15 +142,6 @@ _ROUTE_TABLE = [
     ("POST", r"/api/runner/jobs/%s/complete" % _JOB, "complete", "_complete"),
     ("POST", r"/api/runner/jobs/%s/error" % _JOB, "error", "_error"),
     ("POST", r"/api/jobs/submit", "submit", "_submit"),
-    ("POST", r"/api/jobs/check", "check", "_check"),
-    ("GET", r"/api/jobs/%s" % _JOB, "status", "_status"),
-    ("GET", r"/api/admin/jobs", "admin", "_admin_jobs"),
-    ("GET", r"/api/admin/runners", "admin", "_admin_runners"),
-    ("GET", r"/api/admin/stats", "admin", "_admin_stats"),
-    ("POST", r"/api/admin/jobs/batch-delete", "admin", "_admin_batch_delete"),
-    ("GET", r"/api/admin/jobs/%s" % _JOB, "admin", "_admin_job"),
-    ("GET", r"/api/admin/runners/(?P<runner_id>[^/]+)", "admin", "_admin_runner"),
-    ("DELETE", r"/api/admin/jobs/%s" % _JOB, "admin", "_admin_delete_job"),
 ]
 _COMPILED_ROUTES = [(method, re.compile(pattern + "$"), route, handler)
                     for method, pattern, route, handler in _ROUTE_TABLE]
@@ -453,18 +445,16 @@ _JOB_FIELDS = ("job_id", "job_type", "input_params", "status", "claimed_by", "pr
 class FakeWorker(_HTTPService):
     """The Runpack worker in memory.  All direct methods are thread-safe and bypass HTTP and rate limits."""
 
-    def __init__(self, runner_key=RUNNER_KEY, submit_key=SUBMIT_KEY, admin_key=ADMIN_KEY,
+    def __init__(self, runner_key=RUNNER_KEY, submit_key=SUBMIT_KEY,
                  rate_limit=120, rate_window_s=60.0, max_listed=50,
-                 submit_rate_limit=SUBMIT_RATE_LIMIT, status_rate_limit=STATUS_RATE_LIMIT):
+                 submit_rate_limit=SUBMIT_RATE_LIMIT):
         _HTTPService.__init__(self)
         self.runner_key = runner_key
         self.submit_key = submit_key
-        self.admin_key = admin_key
         self.rate_limit = rate_limit
         self.rate_window_s = rate_window_s
         self.max_listed = max_listed
         self.submit_rate_limit = submit_rate_limit
-        self.status_rate_limit = status_rate_limit
         self._jobs = {}         # job_id -> row
         self._sequence = itertools.count()      # creation order, to break created_at ties
         self._runners = {}      # runner_id -> row
@@ -617,11 +607,6 @@ class FakeWorker(_HTTPService):
         snapshot["reports"] = copy.deepcopy(job["reports"])
         return snapshot
 
-    @staticmethod
-    def _row(job):
-        """A job as the admin routes show it."""
-        return {field: copy.deepcopy(job[field]) for field in _JOB_FIELDS}
-
     def _find_or_create(self, job_type, input_params, revalidate):
         """(created, snapshot) for a type+params; completed figpack results are re-checked if `revalidate`."""
         identity = job_identity(job_type, input_params)
@@ -729,8 +714,6 @@ class FakeWorker(_HTTPService):
             raise _Answer(400, MISSING_RUNNER_ID)
         if path.startswith("/api/runner/"):
             self._authorize(record, (self.runner_key,))
-        elif path.startswith("/api/admin/") and incoming.handler_name != "_admin_job":
-            self._authorize(record, (self.admin_key, self.runner_key))
         elif path.startswith("/api/jobs/"):
             self._authorize(record, (self.submit_key,))
         if incoming.handler_name is None:
@@ -880,7 +863,7 @@ class FakeWorker(_HTTPService):
     # routes: submit side
 
     def _job_request(self, incoming, failure):
-        """(job_type, input_params) of a submit/check body; 400 when missing or too big."""
+        """(job_type, input_params) of a submit body; 400 when missing or too big."""
         body = self._body(incoming, failure)
         job_type, input_params = body.get("job_type"), body.get("input_params")
         if not isinstance(job_type, str) or not job_type or not isinstance(input_params, dict):
@@ -911,89 +894,6 @@ class FakeWorker(_HTTPService):
             return 201, {"job_id": job["job_id"], "status": "pending",
                          "message": "Job submitted successfully"}
         return 200, self._known_job_answer(job)
-
-    def _check(self, incoming):
-        self._limit("submit:" + incoming.record.client, self.submit_rate_limit)
-        job_type, input_params = self._job_request(incoming, "Failed to check job")
-        with self._lock:
-            job = self._job_by_identity(job_identity(job_type, input_params))
-            if job is None:
-                return 200, {"exists": False, "message": "Job not found"}
-            answer = {"exists": True}
-            answer.update(self._known_job_answer(self._snapshot(job)))
-            return 200, answer
-
-    def _status(self, incoming):
-        self._limit("status:" + incoming.record.client, self.status_rate_limit)
-        with self._lock:
-            job = self._jobs.get(incoming.params["job_id"])
-            if job is None:
-                return 404, {"error": "Job not found"}
-            answer = {field: job[field] for field in
-                      ("job_id", "status", "job_type", "created_at", "updated_at")}
-            if job["progress_current"] is not None or job["progress_total"] is not None:
-                answer["progress"] = {"current": job["progress_current"], "total": job["progress_total"]}
-            if job["status"] == "completed":
-                answer["result"] = {"output_data": copy.deepcopy(job["output_data"]),
-                                    "console_output": job["console_output"]}
-            elif job["status"] == "failed":
-                answer["error"] = job["error_message"]
-            return 200, answer
-
-    # routes: admin
-
-    def _admin_jobs(self, incoming):
-        status = (incoming.query.get("status") or [""])[0]
-        try:
-            limit = max(0, int((incoming.query.get("limit") or [""])[0]))
-        except ValueError:
-            limit = ADMIN_LIST_LIMIT
-        with self._lock:
-            newest_first = list(reversed(self._ordered_jobs()))
-            rows = [self._row(job) for job in newest_first if not status or job["status"] == status]
-            return 200, {"jobs": rows[:limit]}
-
-    def _runner_row(self, runner_id):
-        row = {"runner_id": runner_id}
-        row.update(copy.deepcopy(self._runners[runner_id]))
-        return row
-
-    def _admin_runners(self, incoming):
-        with self._lock:
-            return 200, {"runners": [self._runner_row(rid) for rid in self._runners]}
-
-    def _admin_stats(self, incoming):
-        with self._lock:
-            jobs = {"total": len(self._jobs)}
-            for status in JOB_STATUSES:
-                jobs[status] = sum(1 for job in self._jobs.values() if job["status"] == status)
-            return 200, {"jobs": jobs, "runners": {"total": len(self._runners)}}
-
-    def _admin_job(self, incoming):
-        with self._lock:
-            job = self._jobs.get(incoming.params["job_id"])
-            if job is None:
-                return 404, {"error": "Job not found"}
-            return 200, self._row(job)
-
-    def _admin_runner(self, incoming):
-        with self._lock:
-            if incoming.params["runner_id"] not in self._runners:
-                return 404, {"error": "Runner not found"}
-            return 200, self._runner_row(incoming.params["runner_id"])
-
-    def _admin_delete_job(self, incoming):
-        if not self.delete_job(incoming.params["job_id"]):
-            return 404, {"error": "Job not found"}
-        return 200, {"success": True, "message": "Job deleted"}
-
-    def _admin_batch_delete(self, incoming):
-        body = self._body(incoming, "Failed to delete jobs")
-        job_ids = body.get("job_ids")
-        if not isinstance(job_ids, list) or not job_ids:
-            raise _Answer(400, {"error": "job_ids must be a non-empty array"})
-        deleted = sum(1 for job_id in job_ids if isinstance(job_id, str) and self.delete_job(job_id))
-        return 200, {"success": True, "deleted": deleted, "message": "Deleted %d jobs" % deleted}
 
 
 # ---- A server that records and says yes ----------------------------------------

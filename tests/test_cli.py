@@ -12,6 +12,7 @@ import pytest
 from conftest import REPO, RUNNER_PY, TEST_JOB_TYPES, clean_environment, run_cli
 
 
+@pytest.mark.slow
 def test_local_run_prints_the_output_json_and_console(tmp_path):
     result = run_cli("run", "hello_world", "name=Alice", "processing_time=1.5", cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr
@@ -21,6 +22,7 @@ def test_local_run_prints_the_output_json_and_console(tmp_path):
     assert os.listdir(str(tmp_path)) == [], "a local run leaves no files behind"
 
 
+@pytest.mark.slow
 def test_local_run_takes_params_as_json_and_from_a_file(tmp_path):
     params = tmp_path / "params.json"
     params.write_text(json.dumps({"name": "File", "processing_time": 5}))
@@ -30,6 +32,7 @@ def test_local_run_takes_params_as_json_and_from_a_file(tmp_path):
     assert json.loads(result.stdout) == {"message": "Hello, Json!", "processing_time": 0}
 
 
+@pytest.mark.slow
 def test_local_run_shows_a_progress_line_on_a_terminal():
     script = shutil.which("script")
     if script is None:
@@ -42,6 +45,7 @@ def test_local_run_shows_a_progress_line_on_a_terminal():
     assert b'"message": "Hello, Tty!"' in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["name=Alice"], "Error: Invalid parameters: processing_time is required"),
     (["processing_time=1"], "Error: Invalid parameters: name is required"),
@@ -57,6 +61,7 @@ def test_local_run_with_invalid_parameters_prints_one_line_and_exits_1(args, mes
     assert result.stdout == ""
 
 
+@pytest.mark.slow
 def test_local_run_of_an_unknown_job_type_prints_one_line_and_exits_1():
     result = run_cli("run", "no_such_job")
     assert result.returncode == 1
@@ -64,6 +69,7 @@ def test_local_run_of_an_unknown_job_type_prints_one_line_and_exits_1():
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["run", "hello_world", "--params", "{oops"], "Error: --params is not valid JSON"),
     (["run", "hello_world", "--params", "[1]"], "Error: --params must be a JSON object"),
@@ -79,6 +85,7 @@ def test_bad_command_line_input_is_one_line_and_exit_2(args, message):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_runner_without_key_says_how_to_set_it_and_exits_2():
     result = run_cli("runner")
     assert result.returncode == 2
@@ -87,6 +94,7 @@ def test_runner_without_key_says_how_to_set_it_and_exits_2():
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("env, message", [
     ({"RUNPACK_POLL_INTERVAL": "often"}, "Error: RUNPACK_POLL_INTERVAL must be a number of seconds above 0, got 'often'"),
     ({"RUNPACK_RETRY_MAX": "0"}, "Error: RUNPACK_RETRY_MAX must be a number of seconds above 0, got '0'"),
@@ -107,6 +115,7 @@ def test_bad_settings_are_one_line_and_exit_2(env, message, tmp_path):
     assert "secret-key-for-settings-test" not in result.stderr + result.stdout
 
 
+@pytest.mark.slow
 def test_an_unwritable_log_file_is_one_line_and_exit_2(tmp_path):
     result = run_cli("runner", "--state-dir", str(tmp_path), "--log-file", "/nonexistent/dir/runner.log",
                      env={"RUNPACK_RUNNER_API_KEY": "some-key"})
@@ -114,12 +123,14 @@ def test_an_unwritable_log_file_is_one_line_and_exit_2(tmp_path):
     assert result.stderr == "Error: cannot write the log file /nonexistent/dir/runner.log: No such file or directory\n"
 
 
+@pytest.mark.slow
 def test_flags_win_over_environment_variables(tmp_path):
     result = run_cli("run", "hello_world", "name=A", "processing_time=0", "--job-timeout", "5",
                      env={"RUNPACK_JOB_TIMEOUT": "not a number"})
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 def test_python_dash_m_runs_the_module():
     result = subprocess.run([sys.executable, "-m", "runpack_runner", "run", "hello_world", "name=M",
                              "processing_time=0"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -128,6 +139,7 @@ def test_python_dash_m_runs_the_module():
     assert json.loads(result.stdout)["message"] == "Hello, M!"
 
 
+@pytest.mark.slow
 def test_installed_console_script_runs_a_job():
     runpack = shutil.which("runpack")
     if runpack is None:
@@ -139,6 +151,7 @@ def test_installed_console_script_runs_a_job():
     assert json.loads(result.stdout)["message"] == "Hello, Pip!"
 
 
+@pytest.mark.slow
 def test_a_vendoring_script_registers_its_job_type_and_runs_main(tmp_path):
     shutil.copy(RUNNER_PY, str(tmp_path / "runpack_runner.py"))
     (tmp_path / "my_runner.py").write_text(
@@ -156,12 +169,14 @@ def test_a_vendoring_script_registers_its_job_type_and_runs_main(tmp_path):
     assert json.loads(result.stdout) == {"doubled": 42}
 
 
+@pytest.mark.slow
 def test_handlers_file_given_by_path_registers_job_types():
     result = run_cli("run", "countdown", "--handlers", TEST_JOB_TYPES + ":EXTRA_JOB_TYPES", "steps=2")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {"counted": 2}
 
 
+@pytest.mark.slow
 def test_importing_the_module_loads_only_the_standard_library():
     code = ("import sys; before = set(sys.modules); import runpack_runner; "
             "print('\\n'.join(sorted(set(sys.modules) - before)))")
@@ -175,6 +190,7 @@ def test_importing_the_module_loads_only_the_standard_library():
     assert not loaded & {"figpack", "figpack_spike_sorting", "numpy", "h5py", "zarr", "lindi"}
 
 
+@pytest.mark.slow
 def test_vermin_confirms_python_3_8_as_the_minimum():
     vermin = shutil.which("vermin")
     if vermin is None:

@@ -92,6 +92,7 @@ def test_range_file_server_ranges(tmp_path):
         assert fs.bytes_served > 0
 
 
+@pytest.mark.slow
 def test_range_file_server_stall_does_not_block_stop(tmp_path):
     (tmp_path / "a.bin").write_bytes(b"x" * 100)
     fs = RangeFileServer(tmp_path).start()
@@ -107,6 +108,7 @@ def test_range_file_server_stall_does_not_block_stop(tmp_path):
         assert time.time() - t0 < 3
 
 
+@pytest.mark.slow
 def test_range_file_server_stall_after(tmp_path):
     (tmp_path / "a.bin").write_bytes(b"y" * 10)
     with RangeFileServer(tmp_path) as fs:
@@ -197,6 +199,7 @@ def test_make_units_nwb_layout(tmp_path):
         assert all((st[i * 5:(i + 1) * 5][1:] >= st[i * 5:(i + 1) * 5][:-1]).all() for i in range(3))
 
 
+@pytest.mark.slow
 def test_real_figpack_upload_end_to_end(isolated_dirs):
     _need_figpack_extra()
     d = isolated_dirs
@@ -236,6 +239,7 @@ def test_real_figpack_upload_end_to_end(isolated_dirs):
     assert os.listdir(str(d["home"])) == []
 
 
+@pytest.mark.slow
 def test_real_figpack_error_paths(isolated_dirs):
     _need_figpack_extra()
     d = isolated_dirs

@@ -31,6 +31,8 @@ from figpack_fixtures import (  # noqa: E402
     read_raster_metadata,
 )
 
+pytestmark = pytest.mark.slow  # every test runs the CLI and the real figpack packages
+
 JOB_TYPE = "figpack_nwb_raster_plot"
 FIGPACK_KEY = "figpack-key-for-tests-0123456789"
 STAMP = r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] "

@@ -124,6 +124,7 @@ def test_default_url_is_the_published_raw_file_in_a_named_variable():
 # ------------------------------------------------------------------ install
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shell", SHELLS)
 def test_installs_runner_and_executable_wrapper_from_local_file(tmp_path, stand_in, shell):
     prefix = tmp_path / "prefix"
@@ -138,6 +139,7 @@ def test_installs_runner_and_executable_wrapper_from_local_file(tmp_path, stand_
     assert list(_tmpdir(tmp_path).iterdir()) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shell", SHELLS)
 def test_second_run_is_idempotent_and_says_nothing_changed(tmp_path, stand_in, shell):
     prefix = tmp_path / "prefix"
@@ -152,6 +154,7 @@ def test_second_run_is_idempotent_and_says_nothing_changed(tmp_path, stand_in, s
     assert {p: p.read_bytes() for p in assert_installed(prefix)} == before
 
 
+@pytest.mark.slow
 def test_rerun_with_a_new_runner_file_updates_it(tmp_path, stand_in):
     prefix = tmp_path / "prefix"
     assert run_install(tmp_path, "--from-file", str(stand_in), "--prefix", str(prefix)).returncode == 0
@@ -163,6 +166,7 @@ def test_rerun_with_a_new_runner_file_updates_it(tmp_path, stand_in):
     assert (prefix / "runpack_runner.py").read_text().endswith("# v2\n")
 
 
+@pytest.mark.slow
 def test_wrapper_passes_all_arguments_to_runner(tmp_path, stand_in):
     prefix = tmp_path / "prefix"
     assert run_install(tmp_path, "--from-file", str(stand_in), "--prefix", str(prefix)).returncode == 0
@@ -171,6 +175,7 @@ def test_wrapper_passes_all_arguments_to_runner(tmp_path, stand_in):
     assert json.loads(r.stdout) == ["run", "hello_world", "name=Ada Lovelace", "x='y'"]
 
 
+@pytest.mark.slow
 def test_relative_prefix_with_spaces_gives_a_wrapper_that_works_from_anywhere(tmp_path, stand_in):
     r = run_install(tmp_path, "--from-file", str(stand_in), "--prefix", "my prefix/it's here")
     assert r.returncode == 0, r.stderr
@@ -183,12 +188,14 @@ def test_relative_prefix_with_spaces_gives_a_wrapper_that_works_from_anywhere(tm
     assert json.loads(out.stdout) == ["a"]
 
 
+@pytest.mark.slow
 def test_prefix_defaults_to_home_local_share_runpack(tmp_path, stand_in):
     r = run_install(tmp_path, "--from-file", str(stand_in))
     assert r.returncode == 0, r.stderr
     assert_installed(tmp_path / "home" / ".local" / "share" / "runpack")
 
 
+@pytest.mark.slow
 def test_prefix_can_come_from_RUNPACK_PREFIX(tmp_path, stand_in):
     prefix = tmp_path / "from-env"
     r = run_install(tmp_path, "--from-file", str(stand_in), RUNPACK_PREFIX=str(prefix))
@@ -196,6 +203,7 @@ def test_prefix_can_come_from_RUNPACK_PREFIX(tmp_path, stand_in):
     assert_installed(prefix)
 
 
+@pytest.mark.slow
 def test_prefix_option_overrides_RUNPACK_PREFIX(tmp_path, stand_in):
     r = run_install(
         tmp_path, "--from-file", str(stand_in), "--prefix=" + str(tmp_path / "opt"),
@@ -206,6 +214,7 @@ def test_prefix_option_overrides_RUNPACK_PREFIX(tmp_path, stand_in):
     assert not (tmp_path / "env").exists()
 
 
+@pytest.mark.slow
 def test_prints_the_exact_next_commands(tmp_path, stand_in):
     prefix = tmp_path / "prefix"
     r = run_install(tmp_path, "--from-file", str(stand_in), "--prefix", str(prefix))
@@ -216,6 +225,7 @@ def test_prints_the_exact_next_commands(tmp_path, stand_in):
     assert f"{wrapper} runner" in r.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("second_run", [False, True])
 def test_never_prints_the_api_key(tmp_path, stand_in, second_run):
     prefix = tmp_path / "prefix"
@@ -230,6 +240,7 @@ def test_never_prints_the_api_key(tmp_path, stand_in, second_run):
 # ------------------------------------------------------------------ download
 
 
+@pytest.mark.slow
 def test_downloads_from_url_option(tmp_path, stand_in):
     prefix = tmp_path / "prefix"
     r = run_install(tmp_path, "--url", stand_in.as_uri(), "--prefix", str(prefix))
@@ -238,6 +249,7 @@ def test_downloads_from_url_option(tmp_path, stand_in):
     assert runner.read_text() == STAND_IN
 
 
+@pytest.mark.slow
 def test_downloads_from_RUNPACK_RUNNER_URL(tmp_path, stand_in):
     prefix = tmp_path / "prefix"
     r = run_install(tmp_path, "--prefix", str(prefix), RUNPACK_RUNNER_URL=stand_in.as_uri())
@@ -246,6 +258,7 @@ def test_downloads_from_RUNPACK_RUNNER_URL(tmp_path, stand_in):
     assert_installed(prefix)
 
 
+@pytest.mark.slow
 def test_falls_back_to_python_urllib_without_curl_or_wget(tmp_path, stand_in):
     # A PATH holding every usual tool except curl and wget.
     fake_bin = tmp_path / "bin-no-curl"
@@ -266,6 +279,7 @@ def test_falls_back_to_python_urllib_without_curl_or_wget(tmp_path, stand_in):
     assert runner.read_text() == STAND_IN
 
 
+@pytest.mark.slow
 def test_failed_download_installs_nothing(tmp_path):
     prefix = tmp_path / "prefix"
     missing = (tmp_path / "no-such-file.py").as_uri()
@@ -290,6 +304,7 @@ def test_non_python_file_is_refused_and_nothing_installed(tmp_path, shell):
     assert list(_tmpdir(tmp_path).iterdir()) == []
 
 
+@pytest.mark.slow
 def test_non_python_file_does_not_replace_an_existing_install(tmp_path, stand_in):
     prefix = tmp_path / "prefix"
     assert run_install(tmp_path, "--from-file", str(stand_in), "--prefix", str(prefix)).returncode == 0
@@ -398,6 +413,7 @@ def test_help_prints_usage_with_every_option(tmp_path, flag):
 # ------------------------------------------------------------------ end to end
 
 
+@pytest.mark.slow
 def test_installed_real_runner_runs_hello_world(tmp_path):
     prefix = tmp_path / "prefix"
     r = run_install(tmp_path, "--from-file", str(REAL_RUNNER), "--prefix", str(prefix))

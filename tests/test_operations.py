@@ -11,6 +11,8 @@ import pytest
 
 from conftest import RUNNER_KEY, RUNNER_PY, TESTS, children_of, clean_environment, process_exists, run_cli
 
+pytestmark = pytest.mark.slow  # every test starts the runner CLI as a subprocess
+
 HANDLERS = ("--handlers", os.path.join(TESTS, "job_types_for_operations.py"))
 
 

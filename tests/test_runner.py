@@ -9,6 +9,8 @@ import pytest
 
 from conftest import RUNNER_KEY, TEST_JOB_TYPES, find_python
 
+pytestmark = pytest.mark.slow  # every test starts the runner CLI as a subprocess
+
 HANDLERS = ("--handlers", TEST_JOB_TYPES)
 PYTHONS = ["python3.8", "python3.9", "python3.10", "python3.11", "python3.12", "python3.13"]
 

@@ -758,6 +758,10 @@ def _read_json(path):
         return json.load(stream)
 
 
+class JobRecordsUnwritable(TransientError):
+    """The state directory cannot take a custody record: no claim until it can."""
+
+
 class StateDirectory:
     """Where a runner keeps what must outlive its process.
 
@@ -870,6 +874,13 @@ def _lock_exclusively(stream):
         msvcrt.locking(stream.fileno(), msvcrt.LK_NBLCK, 1)
         return
     fcntl.flock(stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def new_custody_record(listed_job, runner_id):
+    """The record written before a claim; it gets the report once the job has run."""
+    return {"job_id": listed_job["job_id"], "job_type": listed_job["job_type"],
+            "input_params": listed_job.get("input_params", {}), "runner_id": runner_id,
+            "recorded_at": time.time(), "attempts": 0, "report": None}
 
 
 def new_runner_name():
@@ -1787,10 +1798,6 @@ class JobSlot(threading.Thread):
 MAX_RUN_ATTEMPTS = 2  # a job whose run the runner process did not survive is run once more, then failed
 
 
-class JobRecordsUnwritable(TransientError):
-    """The state directory cannot take a custody record: no claim until it can."""
-
-
 class BatchLimits:
     """When a batch runner's work is over: --once/--max-jobs, --max-uptime, --idle-timeout."""
 
@@ -1829,13 +1836,6 @@ class BatchLimits:
         return max(0.0, min(left)) if left else None
 
 
-def new_custody_record(listed_job, runner_id):
-    """The record written before a claim; it gets the report once the job has run."""
-    return {"job_id": listed_job["job_id"], "job_type": listed_job["job_type"],
-            "input_params": listed_job.get("input_params", {}), "runner_id": runner_id,
-            "recorded_at": time.time(), "attempts": 0, "report": None}
-
-
 class Runner:
     """Registers, polls with backoff and claims down the polled list, giving each claimed
     job to a JobSlot, up to --concurrency at once; applies the batch limits and signals.
@@ -1852,7 +1852,8 @@ class Runner:
         self.limits = BatchLimits(settings)
         self.courier = ReportCourier(client, state, self.shutdown, settings.retry_max,
                                      lambda: self._decide_stop(idle=True))
-        self.retrying = Retrying(settings.retry_max, self._sleep_until_limit, self._stops_retrying)
+        self.retrying = Retrying(settings.retry_max, self._sleep_until_limit,
+                                 lambda delay: self._decide_stop(idle=True))
         self.job_types = []
         self._slots = {}  # job id -> its JobSlot
         self._lock = threading.Lock()  # slot threads end themselves: _slots is read and changed under it
@@ -2084,9 +2085,6 @@ class Runner:
                 self._stop_code = reached[0]
                 LOG.info("Stopping: %s", reached[1])
         return self.shutdown.graceful or self._stop_code is not None
-
-    def _stops_retrying(self, delay):
-        return self._decide_stop(idle=True)
 
     def _sleep_until_limit(self, seconds):
         """The main thread's wait, cut short by a shutdown request or by --idle-timeout or

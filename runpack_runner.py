@@ -693,9 +693,6 @@ class RetryBackoff:
             return error.retry_after + random.uniform(0, 1)
         return random.uniform(0, min(self.cap, self.first * 2 ** min(self.failures - 1, 30)))
 
-    def reset(self):
-        self.failures = 0
-
 
 class GaveUp(Exception):
     """Retrying stopped before an answer came; ``error`` is the last failure."""

@@ -6,6 +6,7 @@ pin down one behaviour at a time."""
 import argparse
 import copy
 import json
+import logging
 import random
 import re
 import time
@@ -288,16 +289,162 @@ def test_backoff_ignores_an_error_that_asked_for_no_particular_wait():
     assert backoff.next_delay(runpack_runner.TransientWorkerError("x", 500)) <= 1.0
 
 
-def test_backoff_counts_failures_and_reset_starts_the_schedule_again():
+def test_backoff_counts_failures():
     random.seed(7)
     backoff = runpack_runner.RetryBackoff(cap=60.0)
     for _ in range(10):
         backoff.next_delay()
     backoff.next_delay(runpack_runner.TransientWorkerError("x", 429, 1.0))
     assert backoff.failures == 11
-    backoff.reset()
-    assert backoff.failures == 0
-    assert backoff.next_delay() <= 1.0 and backoff.failures == 1
+
+
+class LogLines(logging.Handler):
+    """The runner's log messages, kept in a list (the runner's logger does not propagate)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def log_lines():
+    handler = LogLines()
+    runpack_runner.LOG.addHandler(handler)
+    runpack_runner.LOG.setLevel(logging.INFO)
+    yield handler.lines
+    runpack_runner.LOG.removeHandler(handler)
+
+
+def failing(times, error_class=runpack_runner.TransientWorkerError):
+    """An attempt that raises ``times`` times, then answers "ok"; ``calls`` counts the tries."""
+    calls = []
+
+    def attempt():
+        calls.append(None)
+        if len(calls) <= times:
+            raise error_class("GET /x: worker error 503", 503)
+        return "ok"
+    attempt.calls = calls
+    return attempt
+
+
+def test_retrying_repeats_transient_failures_with_one_warning_each_and_says_when_it_works(log_lines):
+    waits = []
+    retrying = runpack_runner.Retrying(0.5, waits.append, lambda delay: False)
+    attempt = failing(3)
+    assert retrying.call(attempt, "Cannot poll yet") == "ok"
+    assert len(attempt.calls) == 4 and len(waits) == 3
+    assert all(0 <= wait <= 0.5 for wait in waits), "waits are capped by retry_max"
+    warnings = [line for line in log_lines if line.startswith("Cannot poll yet: GET /x")]
+    assert len(warnings) == 3 and all("trying again in" in line for line in warnings)
+    assert log_lines.count("The worker answers again") == 1
+
+
+def test_retrying_says_nothing_when_the_first_try_works(log_lines):
+    retrying = runpack_runner.Retrying(0.5, lambda seconds: None, lambda delay: False)
+    assert retrying.call(lambda: 7, "Cannot poll yet") == 7
+    assert log_lines == []
+
+
+def test_retrying_gives_up_before_a_wait_when_asked_and_carries_the_last_error(log_lines):
+    waits = []
+    retrying = runpack_runner.Retrying(0.5, waits.append, lambda delay: True)
+    with pytest.raises(runpack_runner.GaveUp) as gave_up:
+        retrying.call(failing(5), "Cannot poll yet")
+    assert isinstance(gave_up.value.error, runpack_runner.TransientWorkerError)
+    assert waits == [] and log_lines == [], "no wait and no 'trying again' once it gives up"
+
+
+def test_retrying_gives_up_after_a_wait_that_a_stop_cut_short():
+    asked = []
+
+    def give_up(delay):
+        asked.append(delay)
+        return len(asked) == 2  # no before the wait, yes after it
+    retrying = runpack_runner.Retrying(0.5, lambda seconds: None, give_up)
+    attempt = failing(5)
+    with pytest.raises(runpack_runner.GaveUp):
+        retrying.call(attempt, "Cannot poll yet")
+    assert len(attempt.calls) == 1 and asked[1] == 0.0
+
+
+def test_retrying_lets_a_definitive_no_through_at_once():
+    retrying = runpack_runner.Retrying(0.5, lambda seconds: None, lambda delay: False)
+    attempt = failing(1, lambda message, status: runpack_runner.WorkerRejected(message, 400))
+    with pytest.raises(runpack_runner.WorkerRejected):
+        retrying.call(attempt, "Cannot poll yet")
+    assert len(attempt.calls) == 1
+
+
+def test_retrying_waits_what_a_429_asked_for():
+    waits = []
+    retrying = runpack_runner.Retrying(0.1, waits.append, lambda delay: False)
+    limited = [runpack_runner.TransientWorkerError("rate limited", 429, 2.0)]
+
+    def attempt():
+        if limited:
+            raise limited.pop()
+        return "ok"
+    assert retrying.call(attempt, "Cannot poll yet") == "ok"
+    assert 2.0 <= waits[0] <= 3.0, "the reset time, not the 0.1 s cap"
+
+
+# ---- Batch limits --------------------------------------------------------------------------
+
+
+def batch_limits(**settings):
+    values = dict(once=False, max_jobs=0, max_uptime=0.0, idle_timeout=0.0)
+    values.update(settings)
+    return runpack_runner.BatchLimits(types.SimpleNamespace(**values))
+
+
+def test_batch_limits_without_limits_are_never_reached():
+    limits = batch_limits()
+    for _ in range(100):
+        limits.job_started()
+    assert limits.reached(idle=True) is None and limits.seconds_left(idle=True) is None
+
+
+def test_once_is_reached_after_the_first_job_with_exit_code_5():
+    limits = batch_limits(once=True)
+    assert limits.reached(idle=False) is None
+    limits.job_started()
+    assert limits.reached(idle=False)[0] == runpack_runner.EXIT_JOBS_DONE == 5
+
+
+def test_max_jobs_counts_the_jobs_started():
+    limits = batch_limits(max_jobs=3)
+    for _ in range(2):
+        limits.job_started()
+    assert limits.reached(idle=False) is None
+    limits.job_started()
+    assert "ran 3 job(s)" in limits.reached(idle=False)[1]
+
+
+def test_idle_timeout_counts_only_while_no_job_runs():
+    limits = batch_limits(idle_timeout=0.001)
+    limits.last_busy -= 1.0
+    assert limits.reached(idle=False) is None, "a running job is not idleness"
+    assert limits.reached(idle=True)[0] == runpack_runner.EXIT_IDLE
+    limits.busy()
+    assert limits.seconds_left(idle=True) <= 0.001
+
+
+def test_max_uptime_is_reached_and_comes_before_idleness():
+    limits = batch_limits(max_uptime=0.001, idle_timeout=0.001)
+    limits.started_at -= 1.0
+    limits.last_busy -= 1.0
+    assert limits.reached(idle=True)[0] == runpack_runner.EXIT_MAX_UPTIME
+    assert limits.seconds_left(idle=False) == 0.0
+
+
+def test_seconds_left_is_the_nearer_limit():
+    limits = batch_limits(max_uptime=100.0, idle_timeout=10.0)
+    assert 9.0 < limits.seconds_left(idle=True) <= 10.0
+    assert 99.0 < limits.seconds_left(idle=False) <= 100.0
 
 
 # ---- The worker's answers: read_answer -----------------------------------------------------

@@ -18,6 +18,7 @@ __license__ = "Apache-2.0"
 
 import argparse
 import codecs
+import collections
 import contextlib
 import importlib
 import importlib.util
@@ -37,6 +38,7 @@ import time
 import traceback
 import types
 import urllib.parse
+import zlib
 
 try:
     import fcntl
@@ -51,6 +53,8 @@ except ImportError:  # Windows, where msvcrt locks files
 
 DEFAULT_WORKER_URL = "https://runpack-worker.neurosift.app"
 API_KEY_ENV = "RUNPACK_RUNNER_API_KEY"
+RELAY_KEY_ENV = "NOTIFY_RELAY_SUBSCRIBE_KEY"  # read from the environment only, like the runner key
+SECRET_VARIABLES = (API_KEY_ENV, RELAY_KEY_ENV)
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # `run`: the job failed; `runner`: an unexpected error
@@ -153,12 +157,17 @@ SETTINGS = (
     Setting("log_file", "--log-file", "RUNPACK_LOG_FILE", "runpack_runner.log", str, "a path",
             "log file, rotated by size; relative to the state directory"),
     Setting("allow_insecure_http", "--allow-insecure-http", "RUNPACK_ALLOW_INSECURE_HTTP", False,
-            _parse_boolean, "true or false", "allow a plain http:// worker URL that is not loopback"),
+            _parse_boolean, "true or false", "allow a plain http:// worker (or relay) URL that is not loopback"),
+    Setting("notify_relay_url", "--notify-relay-url", "NOTIFY_RELAY_BASE_URL", "", str, "a URL",
+            "NotifyRelay base URL: new jobs wake the runner at once (needs %s)" % RELAY_KEY_ENV),
+    Setting("notify_relay_subscribe_id", "--notify-relay-subscribe-id", "NOTIFY_RELAY_SUBSCRIBE_ID", "", str,
+            "an id", "NotifyRelay subscriber id (default: derived from the runner id)"),
 )
 SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
 RUNNER_SETTINGS = tuple(setting.name for setting in SETTINGS)
 RUN_SETTINGS = ("heartbeat_interval", "job_timeout", "in_process", "handlers")
-CHECK_SETTINGS = ("worker_url", "state_dir", "request_timeout", "handlers", "allow_insecure_http")
+CHECK_SETTINGS = ("worker_url", "state_dir", "request_timeout", "handlers", "allow_insecure_http",
+                  "notify_relay_url")
 RUN_HEARTBEAT_INTERVAL_S = 1.0  # `run` refreshes the terminal, not a worker: it can be quick
 
 
@@ -203,8 +212,9 @@ def _is_loopback(host):
         return False
 
 
-def check_worker_url(url, allow_insecure_http):
-    """Return the worker URL without a trailing slash, or say why it cannot be used."""
+def check_worker_url(url, allow_insecure_http, service="worker", key="runner key"):
+    """Return the URL of a service we send a key to, without a trailing slash, or say why
+    it cannot be used."""
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # raises ValueError on a bad port
@@ -212,19 +222,19 @@ def check_worker_url(url, allow_insecure_http):
         parts = None
     if (not parts or parts.scheme not in ("http", "https") or not parts.hostname or parts.query
             or parts.fragment or "@" in parts.netloc):
-        raise ConfigurationError("the worker URL must look like https://host[:port][/path], with no "
-                                 "query, fragment or user:password, got %r" % url)
+        raise ConfigurationError("the %s URL must look like https://host[:port][/path], with no "
+                                 "query, fragment or user:password, got %r" % (service, url))
     if parts.scheme == "http" and not allow_insecure_http and not _is_loopback(parts.hostname):
         raise ConfigurationError(
-            "refusing to send the runner key over plain http to %s; use https, or pass "
-            "--allow-insecure-http if this network is trusted" % parts.hostname)
+            "refusing to send the %s over plain http to %s; use https, or pass "
+            "--allow-insecure-http if this network is trusted" % (key, parts.hostname))
     return url.rstrip("/")
 
 
-def check_api_key(api_key):
+def check_api_key(api_key, variable=API_KEY_ENV):
     if not all(" " < character < "\x7f" for character in api_key):
         raise ConfigurationError("%s holds characters that cannot go in an HTTP header (a line "
-                                 "break or a space?)" % API_KEY_ENV)
+                                 "break or a space?)" % variable)
 
 
 # ---- Text limits and redaction -------------------------------------------------
@@ -319,23 +329,25 @@ LOG_FILE_BACKUPS = 3
 
 
 class SecretFilter(logging.Filter):
-    """Replaces the API key in every log record, tracebacks included: a last line of defence."""
+    """Replaces the keys in every log record, tracebacks included: a last line of defence."""
 
-    def __init__(self, secret):
+    def __init__(self, secrets):
         super().__init__()
-        self._secret = secret
+        self._secrets = [secret for secret in secrets if secret]
 
     def filter(self, record):
-        if self._secret:
+        if self._secrets:
             message = record.getMessage()
             if record.exc_info:
                 message += "\n" + logging.Formatter().formatException(record.exc_info)
                 record.exc_info, record.exc_text = None, None
-            record.msg, record.args = redact(message, self._secret), None
+            for secret in self._secrets:
+                message = redact(message, secret)
+            record.msg, record.args = message, None
         return True
 
 
-def configure_logging(stream, log_path=None, secret=None, level=logging.INFO):
+def configure_logging(stream, log_path=None, secrets=(), level=logging.INFO):
     """Log to a stream and, for the runner, to a size-rotated file."""
     formatter = logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT)
     handlers = [logging.StreamHandler(stream)]
@@ -351,7 +363,7 @@ def configure_logging(stream, log_path=None, secret=None, level=logging.INFO):
         LOG.removeHandler(old)
     for handler in handlers:
         handler.setFormatter(formatter)
-        handler.addFilter(SecretFilter(secret))
+        handler.addFilter(SecretFilter(secrets))
         LOG.addHandler(handler)
     LOG.setLevel(level)
     LOG.propagate = False
@@ -485,6 +497,48 @@ RATE_LIMIT_WINDOW_S = 60.0  # the worker's rate-limit window: no 429 asks for a 
 NO_SUCH_RUNNER_ID = "00000000-0000-4000-8000-000000000000"  # asks the worker about the key alone
 
 
+class HttpTransport:
+    """One HTTP exchange with a service that gets a key: JSON in and out, a timeout on
+    everything, redirects never followed (so the key goes to the configured URL only),
+    and the key taken out of every answer before anything reads it (should it be echoed)."""
+
+    def __init__(self, secret):
+        import http.client
+        import urllib.error
+        import urllib.request
+
+        self._secret = secret
+        self._request_class = urllib.request.Request
+        self._answer_error = urllib.error.HTTPError
+        self.network_errors = (OSError, ValueError, http.client.HTTPException)
+        self._opener = urllib.request.OpenerDirector()
+        for handler in (urllib.request.ProxyHandler(), urllib.request.HTTPHandler(),
+                        urllib.request.HTTPSHandler(), urllib.request.HTTPDefaultErrorHandler(),
+                        urllib.request.HTTPErrorProcessor()):
+            self._opener.add_handler(handler)
+
+    def exchange(self, method, url, body, headers, timeout):
+        """(status, answer bytes, Location header or None); network trouble raises one of
+        ``network_errors``."""
+        headers = dict(headers, Accept="application/json")
+        headers["User-Agent"] = "runpack-runner/" + __version__
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode("utf-8")
+            headers["Content-Type"] = "application/json"
+        request = self._request_class(url, data=data, headers=headers, method=method)
+        try:
+            with self._opener.open(request, timeout=timeout) as response:
+                status, raw, location = response.status, response.read(), None
+        except self._answer_error as answer:
+            with answer:
+                status, raw, location = answer.code, answer.read(), answer.headers.get("Location")
+        if self._secret:
+            raw = raw.replace(self._secret.encode("utf-8"), REDACTED.encode("ascii"))
+            location = location and redact(location, self._secret)
+        return status, raw, location
+
+
 def read_answer(where, status, raw, location):
     """The JSON object of a worker's answer, or the WorkerError its status means."""
     try:
@@ -554,26 +608,13 @@ class WorkerClient:
     """The only code that knows the worker's URLs, headers, status codes and limits.
 
     Each verb makes exactly one request; callers decide about retrying. Every text that
-    goes to the worker leaves without the key and within the worker's limits, and every
-    answer loses the key (should the worker echo it) before anything is read from it.
-    Redirects are never followed, so the key goes to the worker URL and nowhere else.
+    goes to the worker leaves without the key and within the worker's limits.
     """
 
     def __init__(self, base_url, api_key, timeout, runner_id=None):
-        import http.client
-        import urllib.error
-        import urllib.request
-
         self.base_url, self.timeout, self.runner_id = base_url, timeout, runner_id
         self._api_key = api_key  # None: only health() can be asked
-        self._request_class = urllib.request.Request
-        self._answer_error = urllib.error.HTTPError
-        self._network_errors = (OSError, ValueError, http.client.HTTPException)
-        self._opener = urllib.request.OpenerDirector()
-        for handler in (urllib.request.ProxyHandler(), urllib.request.HTTPHandler(),
-                        urllib.request.HTTPSHandler(), urllib.request.HTTPDefaultErrorHandler(),
-                        urllib.request.HTTPErrorProcessor()):
-            self._opener.add_handler(handler)
+        self._transport = HttpTransport(api_key)
 
     def __repr__(self):
         return "WorkerClient(%r, runner_id=%r)" % (self.base_url, self.runner_id)
@@ -651,33 +692,18 @@ class WorkerClient:
     def _request(self, method, path, body=None, runner_id=None, timeout=None, authorized=True, read=None):
         """One request; ``read(answer)`` picks what the verb returns out of the answer."""
         where = "%s %s" % (method, path.split("?")[0])
-        try:
-            status, raw, location = self._exchange(method, path, body, runner_id, timeout, authorized)
-        except self._network_errors as error:
-            raise TransientWorkerError("%s: cannot reach the worker (%s)" % (where, _reason(error)))
-        if self._api_key:  # should the worker echo the key, nothing built from its answer shows it
-            raw = raw.replace(self._api_key.encode("utf-8"), REDACTED.encode("ascii"))
-            location = location and redact(location, self._api_key)
-        answer = read_answer(where, status, raw, location)
-        return read(answer) if read else answer
-
-    def _exchange(self, method, path, body, runner_id, timeout, authorized):
-        headers = {"Accept": "application/json", "User-Agent": "runpack-runner/" + __version__}
+        headers = {}
         if authorized and self._api_key:
             headers["Authorization"] = "Bearer " + self._api_key
-        data = None
-        if body is not None:
-            data = json.dumps(body).encode("utf-8")
-            headers["Content-Type"] = "application/json"
         if runner_id:
             headers["X-Runner-ID"] = runner_id
-        request = self._request_class(self.base_url + path, data=data, headers=headers, method=method)
         try:
-            with self._opener.open(request, timeout=timeout or self.timeout) as response:
-                return response.status, response.read(), None
-        except self._answer_error as answer:
-            with answer:
-                return answer.code, answer.read(), answer.headers.get("Location")
+            status, raw, location = self._transport.exchange(method, self.base_url + path, body, headers,
+                                                             timeout or self.timeout)
+        except self._transport.network_errors as error:
+            raise TransientWorkerError("%s: cannot reach the worker (%s)" % (where, _reason(error)))
+        answer = read_answer(where, status, raw, location)
+        return read(answer) if read else answer
 
 
 class RetryBackoff:
@@ -732,6 +758,108 @@ class Retrying:
             if backoff.failures:
                 LOG.info("The worker answers again")
             return result
+
+
+# ---- Push wake-up: the NotifyRelay subscriber --------------------------------------
+
+RELAY_TOPIC = "runpack_notifications"
+RELAY_POLL_TIMEOUT_MS = 55000  # the relay's longest hold of a poll
+RELAY_READ_MARGIN_S = 10.0  # the HTTP read waits this much longer than the relay holds a poll
+RELAY_RETRY_MAX_S = 30.0
+RELAY_CHECK_TIMEOUT_MS = 1000  # `check` asks the relay to hold its poll this long at most
+
+
+class RelayKeyRejected(Exception):
+    """401 from the relay: the subscribe key is wrong."""
+
+
+class RelayUnavailable(TransientError):
+    """The relay could not be reached or gave no usable answer."""
+
+
+class RelayClient:
+    """The only code that knows the NotifyRelay's URL, headers and answers."""
+
+    def __init__(self, base_url, subscribe_key, subscriber_id, subscriber_name):
+        self.base_url, self.subscriber_id, self.subscriber_name = base_url, subscriber_id, subscriber_name
+        self._subscribe_key = subscribe_key
+        self._transport = HttpTransport(subscribe_key)
+
+    def poll(self, timeout_ms=RELAY_POLL_TIMEOUT_MS):
+        """The message strings published on our topic, once there are some or the relay's
+        hold of ``timeout_ms`` is over (then none)."""
+        body = {"subscriber_id": self.subscriber_id, "subscriber_name": self.subscriber_name,
+                "topics": [RELAY_TOPIC], "timeout": timeout_ms}
+        try:
+            status, raw, _ = self._transport.exchange(
+                "POST", self.base_url + "/poll", body, {"Authorization": self._subscribe_key},
+                timeout_ms / 1000.0 + RELAY_READ_MARGIN_S)
+        except self._transport.network_errors as error:
+            raise RelayUnavailable("cannot reach it (%s)" % _reason(error))
+        if status == 401:
+            raise RelayKeyRejected("it rejected the subscribe key (401)")
+        try:
+            answer = json.loads(raw.decode("utf-8")) if status == 200 else None
+            messages = (answer.get("messages") or {}).get(RELAY_TOPIC) or []
+            return [message["message"] for message in messages]
+        except (ValueError, AttributeError, TypeError, KeyError):
+            raise RelayUnavailable("answered %d: %.80r" % (status, raw))
+
+
+def new_job_type(message):
+    """The job type of a "new_job" notification, or None for any other message."""
+    try:
+        notice = json.loads(message)
+    except (TypeError, ValueError):
+        return None
+    if isinstance(notice, dict) and notice.get("type") == "new_job" and isinstance(notice.get("job_type"), str):
+        return notice["job_type"]
+    return None
+
+
+class RelaySubscriber(threading.Thread):
+    """Long-polls the relay and calls ``on_new_job(job_type)`` for every new-job notice.
+
+    A notification only cuts the runner's wait for its next poll short: polling stays the
+    truth, so a lost notification or a relay that is down costs at most a poll interval.
+    A wrong key is one log line and the end of subscribing; any other trouble is a back-off
+    (full jitter up to 30 s) with one warning per spell. A daemon thread: a poll held by the
+    relay never holds up the runner's exit.
+    """
+
+    def __init__(self, relay, on_new_job):
+        super().__init__(name="notify-relay", daemon=True)
+        self.relay, self._on_new_job = relay, on_new_job
+        self._ignored_one = False
+
+    def run(self):
+        LOG.info("Listening for new jobs on NotifyRelay %s (subscriber %s)", self.relay.base_url,
+                 self.relay.subscriber_id)
+        backoff = RetryBackoff(RELAY_RETRY_MAX_S)
+        while True:
+            try:
+                messages = self.relay.poll()
+            except RelayKeyRejected as error:
+                LOG.error("NotifyRelay %s: %s; no push wake-ups (polling the worker goes on). Check "
+                          "NOTIFY_RELAY_SUBSCRIBE_KEY", self.relay.base_url, error)
+                return
+            except RelayUnavailable as error:
+                delay = backoff.next_delay()
+                if backoff.failures == 1:
+                    LOG.warning("NotifyRelay %s: %s; polling the worker goes on, retrying the relay "
+                                "with back-off", self.relay.base_url, error)
+                time.sleep(delay)
+                continue
+            if backoff.failures:
+                LOG.info("NotifyRelay answers again")
+                backoff = RetryBackoff(RELAY_RETRY_MAX_S)
+            for message in messages:
+                job_type = new_job_type(message)
+                if job_type is not None:
+                    self._on_new_job(job_type)
+                elif not self._ignored_one:
+                    LOG.debug("NotifyRelay: ignoring a message that is not a new-job notice: %.200r", message)
+                    self._ignored_one = True
 
 
 # ---- The state directory: identity, lock, job records -------------------------
@@ -1833,6 +1961,81 @@ class BatchLimits:
         return max(0.0, min(left)) if left else None
 
 
+FIRST_POLL_JITTER_MAX_S = 1.0  # a fleet started at once (a Slurm array) does not poll in step
+NOTICE_SPREAD_MAX_S = 0.05  # a notice wakes a whole fleet: each waits a little, at random
+
+
+class ClaimSpreading:
+    """Which job of a polled list a runner claims next, so that a fleet given the same
+    oldest-first list does not race for the same jobs.
+
+    Jobs fall into ``lanes`` by a hash of their id that every runner computes alike; a
+    runner claims the oldest untried job of its own lane, drawn at random. A lone runner has
+    one lane and claims strictly oldest first. As in Ethernet's back-off, each lost claim
+    (409: another runner won the job) doubles the lanes and draws a new one, and each list
+    used without one halves them: runners that collide soon hold lanes of their own and
+    take disjoint jobs from the same list.
+    """
+
+    MAX_LANES = 16
+
+    def __init__(self):
+        self.lanes, self.lane = 1, 0
+        self._lost_since_poll = False
+
+    def new_list(self):
+        if not self._lost_since_poll and self.lanes > 1:
+            self._draw(self.lanes // 2)
+        self._lost_since_poll = False
+
+    def lost_claim(self):
+        self._draw(min(self.MAX_LANES, 2 * self.lanes))
+        self._lost_since_poll = True
+
+    def _draw(self, lanes):
+        self.lanes, self.lane = lanes, random.randrange(lanes)
+
+    def take_next(self, untried):
+        """Remove the oldest job of this runner's lane from the list ``untried`` and return
+        it; None when the lane has none left."""
+        for index, job in enumerate(untried):
+            if zlib.crc32(job["job_id"].encode("utf-8")) % self.lanes == self.lane:
+                return untried.pop(index)
+        return None
+
+    @staticmethod
+    def take_any(untried):
+        return untried.pop(random.randrange(len(untried)))
+
+
+class PollPacer:
+    """Keeps a runner's polls under the worker's limit of 120 a minute per runner, whatever
+    asks for them (the schedule, a stale list, notifications): at most POLLS_PER_MINUTE in
+    any 60 s (10 fewer than the limit, for the worker's clock and the network's delays), and
+    MIN_POLL_GAP_S apart."""
+
+    POLLS_PER_MINUTE = 110
+    MIN_POLL_GAP_S = 0.1
+
+    def __init__(self):
+        self._times = collections.deque()
+
+    def polled(self):
+        self._times.append(time.monotonic())
+
+    def wait_before_poll(self):
+        """Seconds to wait before the next poll; 0 when it may go now."""
+        now = time.monotonic()
+        while self._times and self._times[0] <= now - RATE_LIMIT_WINDOW_S:
+            self._times.popleft()
+        waits = [0.0]
+        if self._times:
+            waits.append(self._times[-1] + self.MIN_POLL_GAP_S - now)
+        if len(self._times) >= self.POLLS_PER_MINUTE:
+            waits.append(self._times[0] + RATE_LIMIT_WINDOW_S - now)
+        return max(waits)
+
+
 class Runner:
     """Registers, polls with backoff and claims down the polled list, giving each claimed
     job to a JobSlot, up to --concurrency at once; applies the batch limits and signals.
@@ -1842,7 +2045,7 @@ class Runner:
     leave a job claimed with nobody to finish it.
     """
 
-    def __init__(self, settings, client, state):
+    def __init__(self, settings, client, state, relay=None):
         self.settings, self.client, self.state = settings, client, state
         self.waker = Waker()
         self.shutdown = ShutdownRequests(self.waker)
@@ -1851,7 +2054,11 @@ class Runner:
                                      lambda: self._decide_stop(idle=True))
         self.retrying = Retrying(settings.retry_max, self._sleep_until_limit,
                                  lambda delay: self._decide_stop(idle=True))
+        self.spreading = ClaimSpreading()
+        self.pacer = PollPacer()
+        self.relay = relay  # a RelayClient, or None
         self.job_types = []
+        self._look_again = False  # a new-job notice came since the last poll
         self._slots = {}  # job id -> its JobSlot
         self._lock = threading.Lock()  # slot threads end themselves: _slots is read and changed under it
         self._fatal = None
@@ -1870,6 +2077,7 @@ class Runner:
         try:
             try:
                 self._establish_identity()
+                self._subscribe_to_relay()
                 self._serve()
             except GaveUp:
                 if self._stop_code is not None and not self._reached_worker:
@@ -1926,6 +2134,14 @@ class Runner:
         self.state.save_identity(runner_id, name)
         LOG.info("Registered as %s (id %s)", name, runner_id)
 
+    def _subscribe_to_relay(self):
+        if self.relay is None:
+            return
+        identity = self.state.load_identity() or {}
+        self.relay.subscriber_id = self.relay.subscriber_id or "runpack-runner-" + self.client.runner_id
+        self.relay.subscriber_name = identity.get("runner_name") or self.relay.subscriber_id
+        RelaySubscriber(self.relay, self.notice_new_job).start()
+
     def _reregister_if_forgotten(self):
         identity = self.state.load_identity() or {}
         if not self.client.verify(self.client.runner_id):
@@ -1937,6 +2153,7 @@ class Runner:
     def _serve(self):
         interval = self.settings.poll_interval
         announced_interval = None
+        self._sleep_until_limit(random.uniform(0, min(FIRST_POLL_JITTER_MAX_S, interval / 10)))
         while not self._decide_stop():
             if self._slots_full():
                 self._wait_for_a_slot()
@@ -1946,19 +2163,33 @@ class Runner:
                 continue
             if self._decide_stop(idle=True):
                 break
-            if interval != announced_interval:
-                LOG.info("No jobs available; next poll in %gs", interval)
-                announced_interval = interval
-            self._sleep_until_limit(interval)
-            interval = min(interval + self.settings.poll_interval_step, self.settings.poll_interval_max)
+            if not self._look_again:
+                if interval != announced_interval:
+                    LOG.info("No jobs available; next poll in %gs", interval)
+                    announced_interval = interval
+                self._sleep_until_limit(interval, until=lambda: self._look_again)
+                interval = min(interval + self.settings.poll_interval_step, self.settings.poll_interval_max)
+            if self._look_again:  # a fleet woken by one notice does not poll all at once
+                self._sleep_until_limit(random.uniform(0, NOTICE_SPREAD_MAX_S))
+
+    def notice_new_job(self, job_type):
+        """A notification of a new job (from any thread): look again at once, not at the
+        next poll. Notices that come while a round is under way just mark it."""
+        if job_type in self.job_types:
+            self._look_again = True
+            self.waker.wake()
 
     def _poll_round(self):
-        """Settle left custody records, poll once and claim down the list; True if a job was
-        started. Any failure ends the round, to be retried: the loop never dies of one."""
+        """Settle left custody records, poll once and claim down the list; True when the
+        runner should poll again at once (a job was started, or the list went stale). Any
+        failure ends the round, to be retried: the loop never dies of one."""
         try:
             self._settle_job_records()
+            self._sleep_until_limit(self.pacer.wait_before_poll())
             if self._decide_stop():
                 return False
+            self._look_again = False  # this poll answers every notice so far
+            self.pacer.polled()
             return self._work_through(self.client.available(self.job_types))
         except WorkerKeyRejected:
             raise
@@ -1969,14 +2200,22 @@ class Runner:
                                        "it works" % (self.state.jobs_path, error.strerror or error))
 
     def _work_through(self, jobs):
-        """Claim down the polled list while slots are free; True if any job was started."""
+        """Claim down the polled list, in the order ClaimSpreading gives, while slots are
+        free; True if a job was started or a lost claim says the list is stale."""
+        untried = [job for job in jobs if job["job_type"] in self.job_types]
+        self.spreading.new_list()
         started = False
-        for listed in jobs:
+        while untried:
             if self._slots_full():
                 self._wait_for_a_slot()
             if self._decide_stop():
                 break
-            if listed["job_type"] not in self.job_types or listed["job_id"] in self._running():
+            listed = self.spreading.take_next(untried)
+            if listed is None:  # our lane is used up: a fresh list, else any job of this one
+                if self.pacer.wait_before_poll() == 0:
+                    return True
+                listed = self.spreading.take_any(untried)
+            if listed["job_id"] in self._running():
                 continue
             record = new_custody_record(listed, self.client.runner_id)
             self.state.save_job(record)
@@ -1987,6 +2226,9 @@ class Runner:
                 raise  # the record is settled before the next poll: was the claim ours?
             if job is None:
                 self.state.forget_job(record["job_id"])
+                self.spreading.lost_claim()
+                if self.pacer.wait_before_poll() == 0:
+                    return True
                 continue
             if isinstance(job.get("input_params"), dict):
                 record["input_params"] = job["input_params"]
@@ -2083,11 +2325,12 @@ class Runner:
                 LOG.info("Stopping: %s", reached[1])
         return self.shutdown.graceful or self._stop_code is not None
 
-    def _sleep_until_limit(self, seconds):
-        """The main thread's wait, cut short by a shutdown request or by --idle-timeout or
-        --max-uptime coming due."""
+    def _sleep_until_limit(self, seconds, until=lambda: False):
+        """The main thread's wait, cut short by a shutdown request, by --idle-timeout or
+        --max-uptime coming due, or once ``until()`` is true."""
         left = self.limits.seconds_left(idle=not self._running())
-        wait_until(self.waker, seconds if left is None else min(seconds, left), lambda: self.shutdown.graceful)
+        wait_until(self.waker, seconds if left is None else min(seconds, left),
+                   lambda: self.shutdown.graceful or until())
         self.shutdown.announce(jobs_running=bool(self._running()))
 
 
@@ -2208,7 +2451,8 @@ def run_locally(job_type, input_params, settings, out=None, err=None):
 
 def command_run(args, environ):
     settings = resolve_settings(args, RUN_SETTINGS, environ, {"heartbeat_interval": RUN_HEARTBEAT_INTERVAL_S})
-    environ.pop(API_KEY_ENV, None)  # a local job needs no worker key: its handler must not see one
+    for secret_variable in SECRET_VARIABLES:  # a local job needs no key: its handler must not see one
+        environ.pop(secret_variable, None)
     with contextlib.redirect_stdout(sys.stderr):  # stdout is for the output JSON
         load_handler_modules(settings.handlers)
     params = parse_run_params(args.params, args.params_json, args.params_file)
@@ -2264,6 +2508,7 @@ def command_check(args, environ, out=None):
     if worker_url:
         _check_worker(checklist, WorkerClient(worker_url, api_key or None, settings.request_timeout),
                       identity, bool(api_key))
+    _check_relay(checklist, settings, environ.get(RELAY_KEY_ENV, "").strip())
     try:
         load_handler_modules(settings.handlers)
     except ConfigurationError as error:
@@ -2347,6 +2592,33 @@ def _check_worker(checklist, client, identity, key_is_set):
             "known to the worker" if known else "unknown to the worker; registers again at start"))
 
 
+def _check_relay(checklist, settings, relay_key):
+    """Report the NotifyRelay: not configured, or reachable with its key accepted (a poll
+    that the relay holds 1 s at most, as a subscriber of its own)."""
+    if not settings.notify_relay_url and not relay_key:
+        checklist.line("NotifyRelay", "not configured (optional: new jobs would wake the runner at once)")
+        return
+    if not settings.notify_relay_url or not relay_key:
+        checklist.problem("NotifyRelay", "set both NOTIFY_RELAY_BASE_URL (or --notify-relay-url) and %s"
+                          % RELAY_KEY_ENV)
+        return
+    try:
+        check_api_key(relay_key, RELAY_KEY_ENV)
+        url = check_worker_url(settings.notify_relay_url, settings.allow_insecure_http, "NotifyRelay",
+                               "subscribe key")
+        RelayClient(url, relay_key, "runpack-check-" + os.urandom(4).hex(), "runpack check").poll(
+            RELAY_CHECK_TIMEOUT_MS)
+    except ConfigurationError as error:
+        checklist.problem("NotifyRelay", str(error))
+    except RelayKeyRejected:
+        checklist.problem("NotifyRelay", "%s: the relay rejected the subscribe key (401): check %s"
+                          % (settings.notify_relay_url, RELAY_KEY_ENV))
+    except RelayUnavailable as error:
+        checklist.problem("NotifyRelay", "%s: not reachable: %s" % (settings.notify_relay_url, error))
+    else:
+        checklist.line("NotifyRelay", "%s: reachable, subscribe key accepted" % settings.notify_relay_url)
+
+
 # ---- Command line ---------------------------------------------------------------
 
 MISSING_KEY_MESSAGE = """Error: RUNPACK_RUNNER_API_KEY environment variable is not set
@@ -2393,8 +2665,12 @@ def command_runner(args, environ):
         print(MISSING_KEY_MESSAGE, file=sys.stderr)
         return EXIT_USAGE
     check_api_key(api_key)
+    relay_key = environ.get(RELAY_KEY_ENV, "").strip()
+    check_api_key(relay_key, RELAY_KEY_ENV)
     settings = resolve_settings(args, RUNNER_SETTINGS, environ)
     worker_url = check_worker_url(settings.worker_url, settings.allow_insecure_http)
+    relay_url = settings.notify_relay_url and check_worker_url(
+        settings.notify_relay_url, settings.allow_insecure_http, "NotifyRelay", "subscribe key")
     load_handler_modules(settings.handlers)
     state = StateDirectory(settings.state_dir)
     state.prepare()
@@ -2403,13 +2679,20 @@ def command_runner(args, environ):
     except StateDirectoryBusy as error:
         print("Error: %s" % error, file=sys.stderr)
         return EXIT_STATE_DIR_BUSY
-    environ.pop(API_KEY_ENV, None)  # job handlers and the processes they start never see the key
-    configure_logging(sys.stdout, os.path.join(state.path, settings.log_file), secret=api_key)
+    for secret_variable in SECRET_VARIABLES:  # job handlers and the processes they start never see a key
+        environ.pop(secret_variable, None)
+    configure_logging(sys.stdout, os.path.join(state.path, settings.log_file), secrets=(api_key, relay_key))
     LOG.info("Runpack runner %s starting (Python %s): worker %s, state directory %s", __version__,
              sys.version.split()[0], worker_url, state.path)
     client = WorkerClient(worker_url, api_key, settings.request_timeout)
+    relay = None
+    if relay_url and relay_key:
+        relay = RelayClient(relay_url, relay_key, settings.notify_relay_subscribe_id or None, None)
+    elif relay_url or relay_key:
+        LOG.warning("No push wake-ups: NotifyRelay needs both NOTIFY_RELAY_BASE_URL (or --notify-relay-url) "
+                    "and %s" % RELAY_KEY_ENV)
     try:
-        return Runner(settings, client, state).run()
+        return Runner(settings, client, state, relay).run()
     except Exception:
         LOG.exception("Unexpected error; the runner stops (job records stay in %s)", state.jobs_path)
         return EXIT_FAILURE

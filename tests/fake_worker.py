@@ -15,6 +15,14 @@ Tests create work and read state directly (``add_job``, ``job``, ``jobs``, ``req
 garbage, resets, redirects, 429s, and "the worker did it but the answer was lost").  ``go_down`` /
 ``come_up`` make the whole service unreachable and bring it back on the same port with its state.
 
+Given ``relay_url`` and ``relay_publish_key`` (see ``shared/notifyrelay-api.md`` and ``fake_relay.py``),
+the fake publishes like the deployed worker: each time a new job row is created, by ``POST
+/api/jobs/submit`` or by ``add_job`` (which stands for a submit; ``publish=False`` skips it), and only
+after the row exists, it sends ``POST {relay_url}/publish`` with the bare publish key and the topic
+``runpack_notifications``; the message is the JSON string of ``{"type": "new_job", "job_id",
+"job_hash", "job_type", "timestamp"}``.  A resubmission of a known job publishes nothing.  Publishing
+is best effort: a failure never fails the submit and is only kept in ``publish_errors``.
+
 Standard library only; Python 3.8 compatible.
 """
 
@@ -47,6 +55,8 @@ ERROR_MESSAGE_LIMIT = 10240
 INPUT_PARAMS_LIMIT = 102400
 SUBMIT_RATE_LIMIT = 10      # submit, per client address and window
 FIGPACK_TIMEOUT_S = 5.0
+RELAY_TOPIC = "runpack_notifications"
+RELAY_PUBLISH_TIMEOUT_S = 5.0
 
 ROUTES = ("health", "register", "verify", "available", "claim", "heartbeat", "complete", "error",
           "submit", "unknown")
@@ -116,6 +126,9 @@ def figpack_url_is_live(url):
             return 200 <= response.status < 300
     except (OSError, ValueError):
         return False
+
+
+_NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def _reject_constant(name):
@@ -447,7 +460,7 @@ class FakeWorker(_HTTPService):
 
     def __init__(self, runner_key=RUNNER_KEY, submit_key=SUBMIT_KEY,
                  rate_limit=120, rate_window_s=60.0, max_listed=50,
-                 submit_rate_limit=SUBMIT_RATE_LIMIT):
+                 submit_rate_limit=SUBMIT_RATE_LIMIT, relay_url=None, relay_publish_key=None):
         _HTTPService.__init__(self)
         self.runner_key = runner_key
         self.submit_key = submit_key
@@ -455,12 +468,15 @@ class FakeWorker(_HTTPService):
         self.rate_window_s = rate_window_s
         self.max_listed = max_listed
         self.submit_rate_limit = submit_rate_limit
+        self.relay_url = relay_url                  # both set: new jobs are published (module doc)
+        self.relay_publish_key = relay_publish_key
         self._jobs = {}         # job_id -> row
         self._sequence = itertools.count()      # creation order, to break created_at ties
         self._runners = {}      # runner_id -> row
         self._faults = []
         self._windows = _FixedWindows()
         self._internal_errors = []
+        self._publish_errors = []
 
     def go_down(self):
         """Close the listening socket (new connections are refused) and drop hung requests; state is kept."""
@@ -473,9 +489,14 @@ class FakeWorker(_HTTPService):
 
     # jobs
 
-    def add_job(self, job_type, input_params):
-        """Create a pending job (no HTTP, no limits); an already known type+params returns the existing id."""
+    def add_job(self, job_type, input_params, publish=True):
+        """Create a pending job (no HTTP, no limits); an already known type+params returns the existing id.
+
+        A new job is published to the relay, if one is configured, unless `publish` is False.
+        """
         created, job = self._find_or_create(job_type, input_params, revalidate=False)
+        if created and publish:
+            self._publish_new_job(job)
         return job["job_id"]
 
     def job(self, job_id):
@@ -546,6 +567,12 @@ class FakeWorker(_HTTPService):
         """Tracebacks of bugs in the fake itself (each answered 500); tests can assert it stays empty."""
         with self._lock:
             return list(self._internal_errors)
+
+    @property
+    def publish_errors(self):
+        """One line per failed publish to the relay ("<job_id>: <error>"), oldest first."""
+        with self._lock:
+            return list(self._publish_errors)
 
     def wait_until(self, predicate, timeout=10.0, message=""):
         """Poll `predicate()` every 20 ms; on timeout raise AssertionError with a summary of the state."""
@@ -626,6 +653,26 @@ class FakeWorker(_HTTPService):
             if job is None:
                 return True, self._snapshot(self._insert_job(job_type, input_params, identity))
             return False, self._snapshot(job)
+
+    def _publish_new_job(self, job):
+        """The deployed worker's notification of a new job: best effort, a failure is only recorded."""
+        if not (self.relay_url and self.relay_publish_key):
+            return
+        message = js_stringify({"type": "new_job", "job_id": job["job_id"],
+                                "job_hash": job_identity(job["job_type"], job["input_params"]),
+                                "job_type": job["job_type"], "timestamp": now_ms()})
+        request = urllib.request.Request(
+            self.relay_url.rstrip("/") + "/publish", method="POST",
+            data=json.dumps({"topic": RELAY_TOPIC, "message": message}).encode("utf-8"),
+            headers={"Authorization": self.relay_publish_key, "Content-Type": "application/json"})
+        try:
+            with _NO_PROXY_OPENER.open(request, timeout=RELAY_PUBLISH_TIMEOUT_S) as response:
+                response.read()
+        except Exception as error:      # anything at all: the worker logs it and carries on
+            if isinstance(error, urllib.error.HTTPError):
+                error.close()
+            with self._lock:
+                self._publish_errors.append("%s: %r" % (job["job_id"], error))
 
     def _job_by_identity(self, identity):
         for job in self._jobs.values():
@@ -891,6 +938,7 @@ class FakeWorker(_HTTPService):
         job_type, input_params = self._job_request(incoming, "Failed to submit job")
         created, job = self._find_or_create(job_type, input_params, revalidate=True)
         if created:
+            self._publish_new_job(job)
             return 201, {"job_id": job["job_id"], "status": "pending",
                          "message": "Job submitted successfully"}
         return 200, self._known_job_answer(job)

@@ -111,7 +111,7 @@ def test_a_queue_longer_than_one_list_is_polled_again_only_when_the_list_is_used
     assert worker.count("claim") == 55
 
 
-def test_claim_conflict_moves_on_to_the_next_listed_job(worker, start_runner):
+def test_claim_conflict_moves_on_to_another_listed_job_and_never_retries_the_lost_one(worker, start_runner):
     first = worker.add_job("sleepy", {"seconds": 1})
     taken = worker.add_job("hello_world", {"name": "taken", "processing_time": 0})
     last = worker.add_job("hello_world", {"name": "last", "processing_time": 0})
@@ -122,7 +122,7 @@ def test_claim_conflict_moves_on_to_the_next_listed_job(worker, start_runner):
     worker.wait_until(completed(worker, last))
     assert worker.count("claim", job_id=taken, status=409) == 1
     assert worker.job(taken)["claimed_by"] == other_runner
-    assert polls_before_last_report(worker) == 1  # the 409 did not cost a poll
+    assert polls_before_last_report(worker) <= 2  # a lost claim is worth one fresh list at most
 
 
 def test_empty_polls_back_off_by_the_step_up_to_the_cap_and_reset_after_a_job(worker, start_runner):

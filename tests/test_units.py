@@ -7,6 +7,7 @@ import argparse
 import copy
 import json
 import logging
+import os
 import random
 import re
 import time
@@ -1001,3 +1002,182 @@ def test_client_errors_never_show_part_of_the_key_where_they_cut_a_long_answer(w
         with pytest.raises(runpack_runner.TransientWorkerError) as caught:
             client_for(worker).register("runner-a", ["hello_world"])
         assert RUNNER_KEY[:8] not in str(caught.value), padding
+
+
+# ---- Claim spreading and the poll pacer ----------------------------------------------------
+
+
+def listed(count):
+    return [{"job_id": str(uuid.UUID(int=number)), "job_type": "hello_world"} for number in range(count)]
+
+
+def test_a_lone_runner_claims_strictly_oldest_first():
+    spreading = runpack_runner.ClaimSpreading()
+    jobs = listed(50)
+    untried = list(jobs)
+    spreading.new_list()
+    taken = [spreading.take_next(untried) for _ in range(50)]
+    assert taken == jobs and untried == []
+    assert spreading.take_next(untried) is None
+
+
+def test_lost_claims_double_the_lanes_up_to_the_cap_and_clean_lists_halve_them():
+    random.seed(3)
+    spreading = runpack_runner.ClaimSpreading()
+    for expected in (2, 4, 8, 16, 16):
+        spreading.lost_claim()
+        assert spreading.lanes == expected and 0 <= spreading.lane < expected
+    spreading.new_list()  # the list that had lost claims ends: no halving yet
+    assert spreading.lanes == 16
+    for expected in (8, 4, 2, 1, 1):
+        spreading.new_list()
+        assert spreading.lanes == expected
+
+
+def test_runners_in_different_lanes_take_disjoint_jobs_of_the_same_list_oldest_first_within_a_lane():
+    jobs = listed(50)
+    taken = []
+    for lane in range(4):
+        spreading = runpack_runner.ClaimSpreading()
+        spreading.lanes, spreading.lane = 4, lane
+        untried = list(jobs)
+        mine = []
+        while True:
+            job = spreading.take_next(untried)
+            if job is None:
+                break
+            mine.append(job)
+        assert mine == sorted(mine, key=jobs.index), "oldest first within the lane"
+        taken.append({job["job_id"] for job in mine})
+    assert sum(len(lane_jobs) for lane_jobs in taken) == 50
+    assert set.union(*taken) == {job["job_id"] for job in jobs}, "the lanes cover the list, without overlap"
+    assert all(len(lane_jobs) < 50 for lane_jobs in taken)
+
+
+def test_lanes_are_the_same_in_every_runner_process():
+    """The lane of a job comes from a fixed hash (not Python's per-process hash()), so that
+    runners in other processes agree on it."""
+    import subprocess
+    import sys
+
+    code = ("import runpack_runner as r; s = r.ClaimSpreading(); s.lanes, s.lane = 8, 3; "
+            "jobs = [{'job_id': 'job-%d' % n} for n in range(40)]; "
+            "print([j['job_id'] for j in iter(lambda: s.take_next(jobs), None)])")
+    outputs = {subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(runpack_runner.__file__),
+                              env=dict(os.environ, PYTHONHASHSEED=str(seed)),
+                              stdout=subprocess.PIPE, universal_newlines=True, check=True).stdout
+               for seed in (1, 2)}
+    assert len(outputs) == 1
+
+
+def test_the_poll_pacer_lets_the_first_poll_go_at_once_then_keeps_a_gap():
+    pacer = runpack_runner.PollPacer()
+    assert pacer.wait_before_poll() == 0
+    pacer.polled()
+    wait = pacer.wait_before_poll()
+    assert 0 < wait <= runpack_runner.PollPacer.MIN_POLL_GAP_S
+
+
+def test_the_poll_pacer_never_allows_more_polls_in_a_minute_than_its_budget():
+    pacer = runpack_runner.PollPacer()
+    now = time.monotonic()
+    for index in range(runpack_runner.PollPacer.POLLS_PER_MINUTE):
+        pacer._times.append(now - 30 + index * 0.01)  # a burst 30 s ago
+    wait = pacer.wait_before_poll()
+    assert 29 < wait <= 30.01, "the next poll waits until the oldest of the burst is a minute old"
+    assert runpack_runner.PollPacer.POLLS_PER_MINUTE < 120, "under the worker's limit of 120 a minute"
+
+
+def test_the_poll_pacer_forgets_polls_older_than_a_minute():
+    pacer = runpack_runner.PollPacer()
+    long_ago = time.monotonic() - 61
+    for _ in range(runpack_runner.PollPacer.POLLS_PER_MINUTE):
+        pacer._times.append(long_ago)
+    assert pacer.wait_before_poll() == 0
+
+
+# ---- NotifyRelay: messages, the client, the subscriber -------------------------------------
+
+
+def test_a_new_job_notice_gives_its_job_type_and_anything_else_gives_none():
+    notice = json.dumps({"type": "new_job", "job_id": "j", "job_hash": "h", "job_type": "hello_world",
+                         "timestamp": 1})
+    assert runpack_runner.new_job_type(notice) == "hello_world"
+    for other in ("not json", json.dumps({"type": "other", "job_type": "x"}), json.dumps(["new_job"]),
+                  json.dumps({"type": "new_job"}), None):
+        assert runpack_runner.new_job_type(other) is None
+
+
+@pytest.fixture
+def relay():
+    from fake_relay import FakeRelay
+
+    with FakeRelay() as fake:
+        yield fake
+
+
+def relay_client(relay, key=None):
+    from fake_relay import RELAY_SUBSCRIBE_KEY
+
+    return runpack_runner.RelayClient(relay.url, key or RELAY_SUBSCRIBE_KEY, "unit-subscriber", "unit test")
+
+
+def test_the_relay_client_returns_the_message_strings_published_on_the_topic(relay):
+    client = relay_client(relay)
+    assert client.poll(timeout_ms=50) == []  # the first poll makes the subscriber known
+    relay.publish("runpack_notifications", '{"type":"new_job","job_type":"hello_world"}')
+    relay.publish("another_topic", "not for us")
+    assert client.poll(timeout_ms=1000) == ['{"type":"new_job","job_type":"hello_world"}']
+    poll = [record for record in relay.requests if record.route == "poll"][-1]
+    assert poll.body["subscriber_id"] == "unit-subscriber" and poll.body["topics"] == ["runpack_notifications"]
+
+
+def test_the_relay_client_sends_the_bare_subscribe_key(relay):
+    from fake_relay import RELAY_SUBSCRIBE_KEY
+
+    relay_client(relay).poll(timeout_ms=10)
+    assert [record.authorization for record in relay.requests if record.route == "poll"] == [RELAY_SUBSCRIBE_KEY]
+
+
+def test_a_wrong_subscribe_key_is_relay_key_rejected(relay):
+    with pytest.raises(runpack_runner.RelayKeyRejected):
+        relay_client(relay, key="wrong-key").poll(timeout_ms=10)
+
+
+@pytest.mark.parametrize("fault", [{"kind": "status", "status": 500}, {"kind": "garbage"}, {"kind": "reset"}])
+def test_relay_failures_other_than_the_key_are_worth_a_retry(relay, fault):
+    relay.add_fault(**fault)
+    with pytest.raises(runpack_runner.RelayUnavailable) as caught:
+        relay_client(relay).poll(timeout_ms=10)
+    assert isinstance(caught.value, runpack_runner.TransientError)
+
+
+def test_a_relay_that_is_down_is_worth_a_retry(relay):
+    relay.go_down()
+    with pytest.raises(runpack_runner.RelayUnavailable):
+        relay_client(relay).poll(timeout_ms=10)
+
+
+def test_a_relay_answer_that_echoes_the_subscribe_key_never_shows_it(relay):
+    from fake_relay import RELAY_SUBSCRIBE_KEY
+
+    relay.add_fault("status", status=502, body={"error": "bad key " + RELAY_SUBSCRIBE_KEY})
+    with pytest.raises(runpack_runner.RelayUnavailable) as caught:
+        relay_client(relay).poll(timeout_ms=10)
+    assert RELAY_SUBSCRIBE_KEY not in str(caught.value) and "[redacted]" in str(caught.value)
+
+
+def test_the_subscriber_passes_each_new_job_notice_on_and_stops_for_good_on_a_rejected_key(relay, log_lines):
+    noticed = []
+    client = relay_client(relay)
+    subscriber = runpack_runner.RelaySubscriber(client, noticed.append)
+    subscriber.start()
+    relay.wait_until(lambda: relay.held_polls >= 1)
+    relay.publish("runpack_notifications", json.dumps({"type": "new_job", "job_type": "hello_world"}))
+    relay.publish("runpack_notifications", json.dumps({"type": "something_else"}))
+    relay.wait_until(lambda: noticed == ["hello_world"] and relay.held_polls >= 1)
+    relay.add_fault("status", status=401, body={"error": "Invalid key"})
+    relay.publish("runpack_notifications", json.dumps({"type": "new_job", "job_type": "hello_world"}))
+    subscriber.join(5)
+    assert not subscriber.is_alive(), "a rejected key ends subscribing"
+    assert sum("rejected the subscribe key" in line for line in log_lines) == 1

@@ -1961,7 +1961,7 @@ class BatchLimits:
         return max(0.0, min(left)) if left else None
 
 
-FIRST_POLL_JITTER_MAX_S = 1.0  # a fleet started at once (a Slurm array) does not poll in step
+START_JITTER_MAX_S = 1.0  # a fleet started at once (a Slurm array) does not knock in step
 NOTICE_SPREAD_MAX_S = 0.05  # a notice wakes a whole fleet: each waits a little, at random
 
 
@@ -2076,6 +2076,7 @@ class Runner:
             return EXIT_USAGE
         try:
             try:
+                self._sleep_until_limit(random.uniform(0, min(START_JITTER_MAX_S, self.settings.poll_interval / 10)))
                 self._establish_identity()
                 self._subscribe_to_relay()
                 self._serve()
@@ -2153,7 +2154,6 @@ class Runner:
     def _serve(self):
         interval = self.settings.poll_interval
         announced_interval = None
-        self._sleep_until_limit(random.uniform(0, min(FIRST_POLL_JITTER_MAX_S, interval / 10)))
         while not self._decide_stop():
             if self._slots_full():
                 self._wait_for_a_slot()

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import random
+import re
 import select
 import shutil
 import signal
@@ -286,8 +287,18 @@ def trim_error_message(message, limit=ERROR_MESSAGE_LIMIT):
     return _utf16_slice(message, limit - len(suffix), from_end=False) + suffix
 
 
+SECRET_LENGTH_REDACTED_ANYWHERE = 16  # a key this long is never part of ordinary text by chance
+
+
 def redact(text, secret):
-    return text.replace(secret, REDACTED) if secret and secret in text else text
+    """``text`` with ``secret`` replaced where it stands as a token of its own (not inside a
+    longer run of letters, digits, ``-``, ``_`` or ``.``), and anywhere if it is long: a short
+    key must not damage ordinary words that happen to contain it."""
+    if not secret or secret not in text:
+        return text
+    if len(secret) >= SECRET_LENGTH_REDACTED_ANYWHERE:
+        return text.replace(secret, REDACTED)
+    return re.sub(r"(?<![\w.-])%s(?![\w.-])" % re.escape(secret), REDACTED, text)
 
 
 def _redact_everywhere(value, secret):
@@ -533,9 +544,10 @@ class HttpTransport:
         except self._answer_error as answer:
             with answer:
                 status, raw, location = answer.code, answer.read(), answer.headers.get("Location")
-        if self._secret:
-            raw = raw.replace(self._secret.encode("utf-8"), REDACTED.encode("ascii"))
-            location = location and redact(location, self._secret)
+        if self._secret and self._secret.encode("utf-8") in raw:
+            raw = redact(raw.decode("utf-8", "replace"), self._secret).encode("utf-8")
+        if self._secret and location:
+            location = redact(location, self._secret)
         return status, raw, location
 
 

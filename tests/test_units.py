@@ -232,6 +232,17 @@ def test_redact_replaces_every_occurrence_of_the_secret():
     assert runpack_runner.redact("key=s3cr3t, again s3cr3t", "s3cr3t") == "key=[redacted], again [redacted]"
 
 
+def test_a_short_key_is_redacted_where_it_stands_alone_and_never_inside_ordinary_words():
+    assert runpack_runner.redact("[Errno -2] Name or service not known", "-") == "[Errno -2] Name or service not known"
+    assert runpack_runner.redact("key abc; abcdef; x=abc&y; (abc)", "abc") == \
+        "key [redacted]; abcdef; x=[redacted]&y; ([redacted])"
+
+
+def test_a_long_key_is_redacted_even_inside_a_longer_run():
+    key = "k" * runpack_runner.SECRET_LENGTH_REDACTED_ANYWHERE
+    assert runpack_runner.redact("x%sy" % key, key) == "x[redacted]y"
+
+
 @pytest.mark.parametrize("secret", [None, ""])
 def test_redact_without_a_secret_changes_nothing(secret):
     assert runpack_runner.redact("nothing to hide", secret) == "nothing to hide"
@@ -670,7 +681,7 @@ def test_seal_report_applies_the_worker_limits_even_without_a_key(secret):
 
 def test_seal_report_applies_the_limits_after_the_longer_replacement():
     secret = "k3y"  # "[redacted]" is longer: a console at the limit grows past it
-    report = error_body(secret * (ERROR_MESSAGE_LIMIT // 3), secret * (CONSOLE_LIMIT // 3))
+    report = error_body((secret + " ") * (ERROR_MESSAGE_LIMIT // 4), (secret + " ") * (CONSOLE_LIMIT // 4))
     body = runpack_runner.seal_report(report, secret)["body"]
     assert runpack_runner.js_length(body["console_output"]) <= CONSOLE_LIMIT
     assert runpack_runner.js_length(body["error_message"]) <= ERROR_MESSAGE_LIMIT

@@ -1480,7 +1480,7 @@ def run_handler(handler, input_params, progress):
 
 # ---- Job isolation: the job process, from the runner's side and from its own ----
 
-SHUTDOWN_MESSAGE = "runner was shut down while the job was running"
+STOPPED_BY_SIGNAL = "stopped by a second shutdown signal"
 JOB_UPDATE_GAP_S = 0.1  # how often a job process passes its progress to the runner
 JOB_STOP_GRACE_S = 5.0  # a job process gets JOB_STOP_SIGNAL, then SIGKILL this much later
 # The runner's own signal to stop a job: a SIGTERM that systemd or Slurm sends to every process
@@ -1493,8 +1493,9 @@ JOB_PROCESS_COMMAND = "_job"  # hidden command: the job process's side of Proces
 
 class JobExecution:
     """Runs one job's handler and watches for its end, a lost claim, the time limit and a
-    second shutdown signal. ``run`` returns the report, or None once the job is no longer
-    ours. Subclasses decide where the handler runs: a thread, or a process of its own."""
+    second shutdown signal. ``run`` returns the report, or None when the job was stopped
+    without one (its claim lost, or a second signal: ``progress.cancel_reason`` says which).
+    Subclasses decide where the handler runs: a thread, or a process of its own."""
 
     def __init__(self, job_type, input_params, progress, waker):
         self.job_type, self.input_params, self.progress = job_type, input_params, progress
@@ -1511,7 +1512,9 @@ class JobExecution:
                     self.stop()
                     return None
                 if shutdown is not None and shutdown.immediate:
-                    return self._give_up(SHUTDOWN_MESSAGE)
+                    self.progress.cancel(STOPPED_BY_SIGNAL)
+                    self.stop()
+                    return None
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return self._give_up("Job execution failed: timed out after %g s" % timeout)
@@ -1785,6 +1788,7 @@ def serve_job_process(spec_path, channel_descriptor):
 # ---- The job slot: one claimed job, from custody record to accepted report ------
 
 HARD_STOP_REPORT_TIMEOUT_S = 5.0  # after a second signal, the last report may not hold up the exit
+MAX_RUN_ATTEMPTS = 2  # a job whose runner process ended during its run is run once more, then failed
 
 
 class ReportCourier:
@@ -1902,6 +1906,12 @@ class JobSlot(threading.Thread):
             LOG.warning("Job %s: %s; stopped it and discarded its result", self.job_id, CLAIM_LOST_MESSAGE)
             self.state.forget_job(self.job_id)
             return
+        if report is None and progress.cancel_reason == STOPPED_BY_SIGNAL:
+            LOG.warning("Job %s: %s; it stays claimed, and %s when the runner starts again with the "
+                        "state directory %s", self.job_id, STOPPED_BY_SIGNAL,
+                        "runs again" if record["attempts"] < MAX_RUN_ATTEMPTS else
+                        "fails (interrupted %d times)" % record["attempts"], self.state.path)
+            return
         if report is None:
             report = error_report("Job execution failed: the handler ended without a result", progress.console)
         if "traceback" in report:
@@ -1932,7 +1942,6 @@ class JobSlot(threading.Thread):
 
 # ---- The runner loop: identity, poll, claim, batch limits ------------------------
 
-MAX_RUN_ATTEMPTS = 2  # a job whose run the runner process did not survive is run once more, then failed
 
 
 class BatchLimits:
@@ -2648,7 +2657,7 @@ def build_parser():
         "runner", help="register with the worker and serve jobs until stopped",
         description="Serve jobs from a Runpack worker. Needs %s in the environment. The first "
                     "SIGINT/SIGTERM finishes the running job and stops; a second one stops the job "
-                    "now and reports it failed." % API_KEY_ENV)
+                    "now and leaves it to the next start on the same state directory." % API_KEY_ENV)
     add_setting_flags(runner, RUNNER_SETTINGS)
     check = commands.add_parser(
         "check", help="say whether this machine can serve jobs, and what to fix if not",

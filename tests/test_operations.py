@@ -118,7 +118,7 @@ def test_a_second_signal_kills_the_job_process(worker, start_runner, tmp_path):
     runner.send(signal.SIGTERM)
     assert runner.wait(timeout=15) == 128 + signal.SIGTERM
     assert not process_exists(pid)
-    assert worker.job(job_id)["error_message"] == "runner was shut down while the job was running"
+    assert worker.job(job_id)["status"] in ("claimed", "in_progress"), "the job stays claimed, for the next start"
 
 
 def test_once_runs_one_job_and_exits_5(worker, start_runner):

@@ -202,18 +202,23 @@ def test_first_signal_finishes_the_running_job_and_takes_no_other(worker, start_
     assert "finishing the running job" in runner.output
 
 
-def test_second_signal_fails_the_running_job_and_exits_nonzero_promptly(worker, start_runner):
-    job_id = worker.add_job("hello_world", {"name": "stuck", "processing_time": 60})
-    runner = start_runner()
+def test_second_signal_stops_the_job_now_keeps_its_claim_and_the_next_start_runs_it_again(
+        worker, start_runner, tmp_path):
+    job_id = worker.add_job("sleepy", {"seconds": 2})
+    runner = start_runner(*HANDLERS)
     worker.wait_until(lambda: worker.job(job_id)["status"] == "in_progress")
     runner.send(signal.SIGINT)
     runner.wait_for_output("finishing the running job")
     runner.send(signal.SIGINT)
     assert runner.wait(timeout=10) == 128 + signal.SIGINT
     job = worker.job(job_id)
-    assert job["status"] == "failed"
-    assert job["error_message"] == "runner was shut down while the job was running"
-    assert "Starting hello_world job for stuck" in job["console_output"]
+    assert job["status"] == "in_progress" and job["reports"] == [], "not failed: the worker keeps a failure forever"
+    assert os.listdir(str(tmp_path / "state" / ".runpack_jobs")) == [job_id + ".json"]
+    assert "stopped by a second shutdown signal" in runner.output
+    again = start_runner(*HANDLERS)
+    worker.wait_until(completed(worker, job_id), timeout=20)
+    assert "attempt 2" in again.output
+    assert again.stop() == 0
 
 
 def test_signal_while_idle_exits_zero_at_once(worker, start_runner):

@@ -358,10 +358,28 @@ class SecretFilter(logging.Filter):
         return True
 
 
+class ConsoleLogHandler(logging.StreamHandler):
+    """The log on stdout or stderr. Once that is closed (`runpack runner | head -2`), it
+    falls silent instead of printing a traceback for every line; the log file goes on."""
+
+    def handleError(self, record):
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handleError(record)
+            return
+        self.setLevel(logging.CRITICAL + 1)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:  # so that the interpreter's last flush of the stream does not complain either
+            os.dup2(devnull, self.stream.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        finally:
+            os.close(devnull)
+
+
 def configure_logging(stream, log_path=None, secrets=(), level=logging.INFO):
     """Log to a stream and, for the runner, to a size-rotated file."""
     formatter = logging.Formatter(LOG_FORMAT, LOG_DATE_FORMAT)
-    handlers = [logging.StreamHandler(stream)]
+    handlers = [ConsoleLogHandler(stream)]
     if log_path:
         from logging.handlers import RotatingFileHandler
 
@@ -557,7 +575,7 @@ def read_answer(where, status, raw, location):
         body = json.loads(raw.decode("utf-8"))
     except ValueError:
         body = None
-    message = _answer_message(body)
+    message = _answer_message(body, raw)
     if 300 <= status < 400:
         raise TransientWorkerError(
             "%s: the worker answered %d with a redirect to %s; redirects are not followed, so "
@@ -578,10 +596,10 @@ def read_answer(where, status, raw, location):
     return body
 
 
-def _answer_message(body):
+def _answer_message(body, raw):
     if isinstance(body, dict):
         return str(body.get("error") or body.get("message") or body)
-    return "(no JSON answer)"
+    return "(no JSON answer: %.80r)" % raw
 
 
 def _origin(url):
@@ -638,13 +656,15 @@ class WorkerClient:
 
     def register(self, name, capabilities):
         return self._request("POST", "/api/runner/register", {"name": name, "capabilities": list(capabilities)},
-                             read=lambda answer: _expect(answer, "runner_id", str, "register"))
+                             read=lambda answer: _expect(answer, "runner_id", str, "register"),
+                             first_contact=True)
 
     def verify(self, runner_id):
         """True when the worker knows this runner id, False when it answers 404."""
         try:
             return self._request("GET", "/api/runner/verify", runner_id=runner_id,
-                                 read=lambda answer: _expect(answer, "exists", True, "verify"))
+                                 read=lambda answer: _expect(answer, "exists", True, "verify"),
+                                 first_contact=True)
         except WorkerRejected as rejected:
             if rejected.status == 404 and isinstance(rejected.body, dict) and rejected.body.get("exists") is False:
                 return False
@@ -701,8 +721,11 @@ class WorkerClient:
                 return False
             raise
 
-    def _request(self, method, path, body=None, runner_id=None, timeout=None, authorized=True, read=None):
-        """One request; ``read(answer)`` picks what the verb returns out of the answer."""
+    def _request(self, method, path, body=None, runner_id=None, timeout=None, authorized=True, read=None,
+                 first_contact=False):
+        """One request; ``read(answer)`` picks what the verb returns out of the answer. At the
+        ``first_contact`` (register, verify), a 2xx answer that is not the worker's JSON means
+        that the URL is not a Runpack worker's: a WorkerRejected, not an outage to wait out."""
         where = "%s %s" % (method, path.split("?")[0])
         headers = {}
         if authorized and self._api_key:
@@ -714,8 +737,13 @@ class WorkerClient:
                                                              timeout or self.timeout)
         except self._transport.network_errors as error:
             raise TransientWorkerError("%s: cannot reach the worker (%s)" % (where, _reason(error)))
-        answer = read_answer(where, status, raw, location)
-        return read(answer) if read else answer
+        try:
+            answer = read_answer(where, status, raw, location)
+            return read(answer) if read else answer
+        except TransientWorkerError as error:
+            if first_contact and 200 <= status < 300:
+                raise WorkerRejected("%s; the URL answers, but not as a Runpack worker" % error, status)
+            raise
 
 
 class RetryBackoff:
@@ -919,11 +947,33 @@ class StateDirectory:
         self.jobs_path = os.path.join(self.path, self.JOBS_DIR)
         self._lock_file = None
 
+    def problem(self):
+        """Why a runner could not use this directory, or None; changes nothing, so that
+        `check` and `runner` give the same verdict (a busy directory aside: see lock)."""
+        for path in (self.path, self.jobs_path):
+            if os.path.exists(path) and not os.path.isdir(path):
+                return "%s is not a directory" % path
+            if os.path.isdir(path) and not os.access(path, os.W_OK | os.X_OK):
+                return "%s is not writable" % path
+        if not os.path.isdir(self.path):
+            parent = os.path.dirname(self.path)
+            while not os.path.exists(parent):  # the runner makes the missing directories
+                parent = os.path.dirname(parent)
+            if not os.path.isdir(parent):
+                return "%s is not a directory" % parent
+            if not os.access(parent, os.W_OK | os.X_OK):
+                return "%s does not exist and %s is not writable" % (self.path, parent)
+        return None
+
     def prepare(self):
+        problem = self.problem()
         try:
-            os.makedirs(self.jobs_path, exist_ok=True)
+            if problem is None:
+                os.makedirs(self.jobs_path, exist_ok=True)
         except OSError as error:
-            raise ConfigurationError("cannot use state directory %s: %s" % (self.path, error.strerror))
+            problem = error.strerror
+        if problem:
+            raise ConfigurationError("cannot use the state directory %s: %s" % (self.path, problem))
 
     def lock(self):
         """Hold the directory's lock until the process ends (the OS frees it even on kill -9)."""
@@ -1394,6 +1444,15 @@ class WorkerHeartbeats:
     def __init__(self, client, record):
         self._client, self._record = client, record
         self._failing = False
+        self.progress_sent = (None, None)
+
+    def finish_progress(self, progress):
+        """A completed job whose progress the worker shows ends at total/total there, not at
+        the last update sent (66/100): one more heartbeat, unless none carried progress (an
+        instant job costs nothing) or the last one said total/total already."""
+        total = progress.progress_total
+        if total is not None and self.progress_sent[1] is not None and self.progress_sent != (total, total):
+            self(total, total, progress.console)
 
     def __call__(self, progress_current, progress_total, console_output):
         job_id = self._record["job_id"]
@@ -1408,6 +1467,7 @@ class WorkerHeartbeats:
         if self._failing:
             LOG.info("Heartbeats for job %s are getting through again", job_id)
         self._failing = False
+        self.progress_sent = (progress_current, progress_total)
         return ours
 
 
@@ -1927,8 +1987,8 @@ class JobSlot(threading.Thread):
         hence each slot's minimum gap grows with --concurrency."""
         execution = make_execution(self.settings, self.record["job_type"], self.record["input_params"],
                                    progress, self.waker)
-        heartbeats = HeartbeatPump(progress, WorkerHeartbeats(self.client, self.record),
-                                   self.settings.heartbeat_interval,
+        send = WorkerHeartbeats(self.client, self.record)
+        heartbeats = HeartbeatPump(progress, send, self.settings.heartbeat_interval,
                                    HEARTBEAT_MIN_GAP_S * self.settings.concurrency, self.waker.wake)
         heartbeats.start()
         try:
@@ -1937,6 +1997,8 @@ class JobSlot(threading.Thread):
             progress.finish()
         if not self.shutdown.immediate:
             heartbeats.join(self.settings.request_timeout)  # no heartbeat may follow the report
+        if report is not None and report["kind"] == "complete":
+            send.finish_progress(progress)
         return report
 
 
@@ -2083,7 +2145,7 @@ class Runner:
         self._slots = {}  # job id -> its JobSlot
         self._lock = threading.Lock()  # slot threads end themselves: _slots is read and changed under it
         self._fatal = None
-        self._stop_code = None
+        self._stop_code = self._stop_reason = None
         self._reached_worker = False  # registered or verified: a batch limit before that is a failure
 
     def run(self):
@@ -2106,6 +2168,8 @@ class Runner:
                     LOG.error("Stopping without ever reaching the worker at %s", self.client.base_url)
                     return EXIT_FAILURE
             self._wait_for_slots()
+            if self._stop_code == EXIT_JOBS_DONE:
+                LOG.info("Stopping: %s", self._stop_reason)
         except WorkerKeyRejected as error:
             LOG.error("%s; stopping. Check RUNPACK_RUNNER_API_KEY and start the runner again", error)
             return EXIT_KEY_REJECTED
@@ -2342,8 +2406,9 @@ class Runner:
         reached = self.limits.reached(idle=idle and not self._running())
         with self._lock:
             if reached and self._stop_code is None:
-                self._stop_code = reached[0]
-                LOG.info("Stopping: %s", reached[1])
+                self._stop_code, self._stop_reason = reached
+                if self._stop_code != EXIT_JOBS_DONE:  # "ran N jobs" is true once they have run
+                    LOG.info("Stopping: %s", self._stop_reason)
         return self.shutdown.graceful or self._stop_code is not None
 
     def _sleep_until_limit(self, seconds, until=lambda: False):
@@ -2549,20 +2614,16 @@ def command_check(args, environ, out=None):
 
 
 def _check_state_directory(checklist, state):
-    """Report the state directory (without creating or changing anything) and the identity
-    saved in it; returns that identity, if any."""
-    if not os.path.isdir(state.path):
-        parent = os.path.dirname(state.path)
-        while not os.path.exists(parent):  # the runner makes the missing directories
-            parent = os.path.dirname(parent)
-        if os.path.isdir(parent) and os.access(parent, os.W_OK):
-            checklist.line("State directory", "%s (created when the runner starts)" % state.path)
-        else:
-            checklist.problem("State directory", "%s does not exist and %s is not writable" % (state.path, parent))
+    """Report the state directory as `runner` would judge it, without creating or changing
+    anything, and the identity saved in it; returns that identity, if any."""
+    problem = state.problem()
+    if problem:
+        checklist.problem("State directory", problem)
         return None
-    if not os.access(state.path, os.W_OK):
-        checklist.problem("State directory", "%s is not writable" % state.path)
-    elif os.path.exists(os.path.join(state.path, state.LOCK_FILE)) and _lock_is_held(state):
+    if not os.path.isdir(state.path):
+        checklist.line("State directory", "%s (created when the runner starts)" % state.path)
+        return None
+    if os.path.exists(os.path.join(state.path, state.LOCK_FILE)) and _lock_is_held(state):
         checklist.problem("State directory", "%s is in use by another runner: give this one its own "
                           "--state-dir" % state.path)
     else:

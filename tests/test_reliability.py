@@ -368,21 +368,38 @@ def test_garbage_and_wrongly_shaped_poll_answers_are_one_warning_each_and_transi
     assert_settled(worker, runner, {job_id: "completed"})
 
 
-def test_garbage_and_wrongly_shaped_register_answers_are_retried_until_a_real_id_comes(
-        worker, start_runner):
-    worker.add_fault("garbage", route="register")
-    worker.add_fault("bad_shape", route="register")
-    worker.add_fault("bad_shape", route="register", body={"runner_id": 42})
+def test_a_redirect_from_register_is_retried_until_a_real_id_comes(worker, start_runner):
     worker.add_fault("redirect", route="register", location="http://127.0.0.1:9/elsewhere")
     job_id = worker.add_job("hello_world", {"name": "registered", "processing_time": 0})
     runner = start_runner()
     worker.wait_until(status_is(worker, job_id, "completed"), timeout=20)
-    assert worker.count("register") == 5
-    assert len(log_lines(runner, "Cannot register with the worker yet")) == 4
+    assert worker.count("register") == 2
+    assert len(log_lines(runner, "Cannot register with the worker yet")) == 1
     (runner_id,) = worker.runners
     assert runner_identity(runner) == runner_id == worker.job(job_id)["claimed_by"]
     assert runner.stop() == 0
     assert_settled(worker, runner, {job_id: "completed"})
+
+
+@pytest.mark.parametrize("fault", [{"kind": "garbage"}, {"kind": "bad_shape"},
+                                   {"kind": "bad_shape", "body": {"runner_id": 42}}])
+def test_a_2xx_register_answer_that_is_not_the_workers_json_is_a_wrong_url_exit_2(worker, start_runner, fault):
+    worker.add_fault(route="register", **fault)
+    runner = start_runner()
+    assert runner.wait() == 2
+    assert worker.count("register") == 1, "a wrong URL is not an outage to wait out"
+    assert "not as a Runpack worker" in runner.output
+
+
+def test_a_5xx_from_register_is_retried_and_the_log_shows_the_status(
+        worker, start_runner):
+    worker.add_fault("status", route="register", status=502, body={"error": "upstream down"})
+    job_id = worker.add_job("hello_world", {"name": "after 502", "processing_time": 0})
+    runner = start_runner()
+    worker.wait_until(status_is(worker, job_id, "completed"), timeout=20)
+    (warning,) = log_lines(runner, "Cannot register with the worker yet")
+    assert "502" in warning and "upstream down" in warning
+    assert runner.stop() == 0
 
 
 # ---- No orphaned jobs: custody records, lost claim answers, kill -9 ------------------

@@ -540,6 +540,13 @@ def test_answer_other_4xx_is_a_rejection_carrying_status_and_decoded_body(status
     assert str(caught.value).startswith(WHERE)
 
 
+def test_an_answer_that_is_not_json_shows_its_first_bytes():
+    with pytest.raises(runpack_runner.TransientWorkerError) as caught:
+        runpack_runner.read_answer("POST /api/runner/register", 502, b"<html><body>Bad gateway</body></html>" * 9, None)
+    assert "502" in str(caught.value) and "<html><body>Bad gateway" in str(caught.value)
+    assert len(str(caught.value)) < 200, "the first bytes, not the whole page"
+
+
 # ---- Reports -------------------------------------------------------------------------------
 
 
@@ -997,7 +1004,7 @@ def test_client_rate_limited_answer_carries_the_wait(worker):
     (dict(kind="status", status=503, body={"error": "bad key " + RUNNER_KEY}), runpack_runner.TransientWorkerError),
     (dict(kind="status", status=400, body={"error": "bad key " + RUNNER_KEY}), runpack_runner.WorkerRejected),
     (dict(kind="status", status=401, body={"error": "bad key " + RUNNER_KEY}), runpack_runner.WorkerKeyRejected),
-    (dict(kind="bad_shape", body={"runner": RUNNER_KEY}), runpack_runner.TransientWorkerError)],
+    (dict(kind="bad_shape", body={"runner": RUNNER_KEY}), runpack_runner.WorkerRejected)],
     ids=["503", "400", "401", "bad-shape"])
 def test_client_errors_never_repeat_the_key_an_answer_echoes(worker, fault, expected):
     worker.add_fault(route="register", **fault)
@@ -1010,7 +1017,7 @@ def test_client_errors_never_repeat_the_key_an_answer_echoes(worker, fault, expe
 def test_client_errors_never_show_part_of_the_key_where_they_cut_a_long_answer(worker, wrap):
     for padding in range(0, 300, 5):  # wherever the message is cut, some padding puts the cut inside the key
         worker.add_fault("bad_shape", route="register", body=wrap("a" * padding + RUNNER_KEY))
-        with pytest.raises(runpack_runner.TransientWorkerError) as caught:
+        with pytest.raises(runpack_runner.WorkerError) as caught:
             client_for(worker).register("runner-a", ["hello_world"])
         assert RUNNER_KEY[:8] not in str(caught.value), padding
 
@@ -1192,3 +1199,16 @@ def test_the_subscriber_passes_each_new_job_notice_on_and_stops_for_good_on_a_re
     subscriber.join(5)
     assert not subscriber.is_alive(), "a rejected key ends subscribing"
     assert sum("rejected the subscribe key" in line for line in log_lines) == 1
+
+
+def test_a_2xx_answer_to_register_that_is_not_the_workers_json_is_a_wrong_url(worker):
+    worker.add_fault("garbage", route="register")
+    with pytest.raises(runpack_runner.WorkerRejected) as caught:
+        client_for(worker).register("runner-a", ["hello_world"])
+    assert "not as a Runpack worker" in str(caught.value)
+
+
+def test_a_2xx_answer_to_a_poll_that_is_not_the_workers_json_is_still_transient(worker):
+    worker.add_fault("garbage", route="available")
+    with pytest.raises(runpack_runner.TransientWorkerError):
+        client_for(worker, worker.register_runner()).available(["hello_world"])

@@ -13,6 +13,7 @@ import pytest
 TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TESTS)
 
+from fake_relay import RELAY_PUBLISH_KEY, RELAY_SUBSCRIBE_KEY, FakeRelay  # noqa: E402
 from fake_worker import RUNNER_KEY, FakeWorker  # noqa: E402
 
 REPO = os.path.dirname(TESTS)
@@ -66,8 +67,8 @@ def process_exists(pid):
 
 
 def clean_environment(**overrides):
-    """The test process's environment without RUNPACK_* settings, plus ``overrides``."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("RUNPACK_")}
+    """The test process's environment without RUNPACK_* and NOTIFY_RELAY_* settings, plus ``overrides``."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("RUNPACK_", "NOTIFY_RELAY_"))}
     env.update(overrides)
     return env
 
@@ -121,6 +122,20 @@ def worker():
     with FakeWorker() as fake:
         yield fake
         assert not fake.internal_errors, "the fake worker itself failed:\n%s" % fake.internal_errors
+
+
+@pytest.fixture
+def relay(worker):
+    """A fake NotifyRelay on 127.0.0.1 to which the ``worker`` fixture publishes every new job."""
+    with FakeRelay() as fake:
+        worker.relay_url, worker.relay_publish_key = fake.url, RELAY_PUBLISH_KEY
+        yield fake
+        assert not fake.internal_errors, "the fake relay itself failed:\n%s" % fake.internal_errors
+
+
+def relay_environment(relay, subscribe_key=RELAY_SUBSCRIBE_KEY):
+    """The environment variables that make a runner (or `check`) subscribe to ``relay``."""
+    return {"NOTIFY_RELAY_BASE_URL": relay.url, "NOTIFY_RELAY_SUBSCRIBE_KEY": subscribe_key}
 
 
 @pytest.fixture

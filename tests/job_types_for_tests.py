@@ -124,3 +124,19 @@ def long_emoji_error(input_params, heartbeat_callback):
 def cancels_itself(input_params, heartbeat_callback):
     """Raises JobCancelled although the runner did not give the job up: still exactly one report."""
     raise runpack_runner.JobCancelled("gave up by itself")
+
+
+@runpack_runner.job_type("environment_witness")
+def environment_witness(input_params, heartbeat_callback):
+    """Reports the names of the job's environment variables and those whose name or value holds
+    the text of SHA-256 ``sha256`` and ``length`` characters: a test learns whether a secret
+    reached the job without the secret going to the worker (where the runner would redact it)."""
+    import hashlib
+
+    def holds_secret(text):
+        return any(hashlib.sha256(text[start:start + input_params["length"]].encode("utf-8")).hexdigest()
+                   == input_params["sha256"] for start in range(len(text) - input_params["length"] + 1))
+
+    return {"names": sorted(os.environ),
+            "holding_the_secret": sorted(name for name, value in os.environ.items()
+                                         if holds_secret(name) or holds_secret(value))}

@@ -157,6 +157,8 @@ SETTINGS = (
             "comma-separated modules (module[:attr] or file.py) that register job types"),
     Setting("log_file", "--log-file", "RUNPACK_LOG_FILE", "runpack_runner.log", str, "a path",
             "log file, rotated by size; relative to the state directory"),
+    Setting("verbose", "--verbose", "RUNPACK_VERBOSE", False, _parse_boolean, "true or false",
+            "log at DEBUG: every poll, not only state changes"),
     Setting("allow_insecure_http", "--allow-insecure-http", "RUNPACK_ALLOW_INSECURE_HTTP", False,
             _parse_boolean, "true or false", "allow a plain http:// worker (or relay) URL that is not loopback"),
     Setting("notify_relay_url", "--notify-relay-url", "NOTIFY_RELAY_BASE_URL", "", str, "a URL",
@@ -2119,6 +2121,32 @@ class PollPacer:
         return max(waits)
 
 
+class IdleLog:
+    """What an idle runner says: one line when it goes idle, then a summary every ten
+    minutes; each empty poll only at DEBUG (--verbose)."""
+
+    SUMMARY_INTERVAL_S = 600.0
+
+    def __init__(self):
+        self._idle = False
+        self._polls, self._counting_since = 0, None
+
+    def busy(self):
+        self._idle = False
+
+    def empty_poll(self, next_wait):
+        LOG.debug("No jobs available; next poll in %gs", next_wait)
+        now = time.monotonic()
+        if not self._idle:
+            self._idle, self._polls, self._counting_since = True, 0, now
+            LOG.info("No jobs available; polling every %gs or more until one comes", next_wait)
+        self._polls += 1
+        if now - self._counting_since >= self.SUMMARY_INTERVAL_S:
+            LOG.info("Still no jobs: %d polls in the last %.0f minutes", self._polls,
+                     (now - self._counting_since) / 60)
+            self._polls, self._counting_since = 0, now
+
+
 class Runner:
     """Registers, polls with backoff and claims down the polled list, giving each claimed
     job to a JobSlot, up to --concurrency at once; applies the batch limits and signals.
@@ -2139,6 +2167,7 @@ class Runner:
                                  lambda delay: self._decide_stop(idle=True))
         self.spreading = ClaimSpreading()
         self.pacer = PollPacer()
+        self.idle_log = IdleLog()
         self.relay = relay  # a RelayClient, or None
         self.job_types = []
         self._look_again = False  # a new-job notice came since the last poll
@@ -2238,20 +2267,18 @@ class Runner:
 
     def _serve(self):
         interval = self.settings.poll_interval
-        announced_interval = None
         while not self._decide_stop():
             if self._slots_full():
                 self._wait_for_a_slot()
                 continue
             if self.retrying.call(self._poll_round, "Cannot take jobs yet"):
                 interval = self.settings.poll_interval
+                self.idle_log.busy()
                 continue
             if self._decide_stop(idle=True):
                 break
             if not self._look_again:
-                if interval != announced_interval:
-                    LOG.info("No jobs available; next poll in %gs", interval)
-                    announced_interval = interval
+                self.idle_log.empty_poll(interval)
                 self._sleep_until_limit(interval, until=lambda: self._look_again)
                 interval = min(interval + self.settings.poll_interval_step, self.settings.poll_interval_max)
             if self._look_again:  # a fleet woken by one notice does not poll all at once
@@ -2763,7 +2790,8 @@ def command_runner(args, environ):
         return EXIT_STATE_DIR_BUSY
     for secret_variable in SECRET_VARIABLES:  # job handlers and the processes they start never see a key
         environ.pop(secret_variable, None)
-    configure_logging(sys.stdout, os.path.join(state.path, settings.log_file), secrets=(api_key, relay_key))
+    configure_logging(sys.stdout, os.path.join(state.path, settings.log_file), secrets=(api_key, relay_key),
+                      level=logging.DEBUG if settings.verbose else logging.INFO)
     LOG.info("Runpack runner %s starting (Python %s): worker %s, state directory %s", __version__,
              sys.version.split()[0], worker_url, state.path)
     client = WorkerClient(worker_url, api_key, settings.request_timeout)

@@ -92,3 +92,13 @@ def test_an_instant_job_that_reported_progress_costs_no_heartbeat(worker, start_
     worker.wait_until(lambda: worker.job(job_id)["status"] == "completed", timeout=20)
     assert worker.job(job_id)["heartbeats"] == []
     assert runner.stop() == 0
+
+
+def test_an_idle_runner_says_so_once_and_logs_each_poll_only_with_verbose(worker, start_runner, tmp_path):
+    fast = ("--poll-interval", "0.05", "--poll-interval-max", "0.05")
+    quiet = start_runner(*fast, state_dir=tmp_path / "quiet")
+    verbose = start_runner(*fast, "--verbose", state_dir=tmp_path / "verbose")
+    worker.wait_until(lambda: worker.count("available") >= 20)
+    assert quiet.stop() == 0 and verbose.stop() == 0
+    assert quiet.output.count("No jobs available") == 1
+    assert verbose.output.count("No jobs available; next poll in") >= 5

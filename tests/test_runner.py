@@ -126,7 +126,8 @@ def test_claim_conflict_moves_on_to_another_listed_job_and_never_retries_the_los
 
 
 def test_empty_polls_back_off_by_the_step_up_to_the_cap_and_reset_after_a_job(worker, start_runner):
-    runner = start_runner("--poll-interval", "0.1", "--poll-interval-step", "0.1", "--poll-interval-max", "0.3")
+    runner = start_runner("--poll-interval", "0.1", "--poll-interval-step", "0.1", "--poll-interval-max", "0.3",
+                          "--verbose")  # each poll is logged at DEBUG
     worker.wait_until(lambda: worker.count("available") >= 5)
     job_id = worker.add_job("hello_world", {"name": "Bo", "processing_time": 0})
     worker.wait_until(completed(worker, job_id))

@@ -175,17 +175,28 @@ RUN_HEARTBEAT_INTERVAL_S = 1.0  # `run` refreshes the terminal, not a worker: it
 
 
 def add_setting_flags(parser, names, defaults=None):
-    """Add the flags of the named settings; their help shows the variable and default."""
+    """Add the flags of the named settings; their help shows the variable and the default."""
     for name in names:
         setting = SETTINGS_BY_NAME[name]
         default = (defaults or {}).get(name, setting.default)
-        help_text = "%s (env %s, default %r)" % (setting.help, setting.env, default)
         if setting.parse is _parse_boolean:
             parser.add_argument(setting.flag, dest=name, action="store_true", default=None,
-                                help=help_text)
-        else:
-            parser.add_argument(setting.flag, dest=name, default=None, metavar="VALUE",
-                                help=help_text)
+                                help="%s (env %s=true)" % (setting.help, setting.env))
+            continue
+        shown = " s" if setting.parse in (_parse_seconds, _parse_positive_seconds) else ""
+        help_text = "%s (env %s%s)" % (setting.help, setting.env,
+                                       ", default %g%s" % (default, shown) if isinstance(default, (int, float))
+                                       else ", default %s" % default if default else "")
+        parser.add_argument(setting.flag, dest=name, default=None, metavar=_metavar(setting), help=help_text)
+
+
+def _metavar(setting):
+    """SECONDS, N, URL, DIRECTORY...: what the flag takes."""
+    if setting.parse in (_parse_seconds, _parse_positive_seconds):
+        return "SECONDS"
+    if setting.parse in (_parse_count, _parse_positive_count):
+        return "N"
+    return setting.kind.split()[-1].upper()
 
 
 def resolve_settings(args, names, environ, defaults=None):
@@ -2515,8 +2526,11 @@ def parse_run_params(assignments, params_json, params_file):
     params = {}
     if params_file:
         try:
-            with open(params_file, encoding="utf-8") as stream:
-                params.update(_json_object(stream.read(), "--params-file"))
+            if params_file == "-":
+                params.update(_json_object(sys.stdin.read(), "--params-file -"))
+            else:
+                with open(params_file, encoding="utf-8") as stream:
+                    params.update(_json_object(stream.read(), "--params-file"))
         except (OSError, UnicodeDecodeError) as error:
             raise ConfigurationError("cannot read --params-file %s: %s"
                                      % (params_file, getattr(error, "strerror", None) or error))
@@ -2533,8 +2547,9 @@ def parse_run_params(assignments, params_json, params_file):
     return params
 
 
-def run_locally(job_type, input_params, settings, out=None, err=None):
-    """Run one job here, through the same execution path as the runner; returns the exit code."""
+def run_locally(job_type, input_params, settings, out=None, err=None, hint=lambda message: None):
+    """Run one job here, through the same execution path as the runner; returns the exit code.
+    ``hint(error message)`` may add a line of advice to a failure."""
     out, err = out or sys.stdout, err or sys.stderr
     handler = JOB_HANDLERS.get(job_type)
     if handler is None:
@@ -2556,13 +2571,46 @@ def run_locally(job_type, input_params, settings, out=None, err=None):
         pump.join()
     display.finish(report["body"]["console_output"])
     if report["kind"] == "complete":
-        out.write(json.dumps(report["body"]["output_data"], indent=2) + "\n")
+        out.write(json.dumps(report["body"]["output_data"], indent=2, ensure_ascii=False) + "\n")
         return EXIT_OK
-    err.write("Error: %s\n" % report["body"]["error_message"])
+    message = report["body"]["error_message"]
+    err.write("Error: %s\n" % message)
+    advice = hint(message)
+    if advice:
+        err.write("Hint: %s\n" % advice)
     return EXIT_FAILURE
 
 
-def command_run(args, environ):
+def json_read_values(assignments):
+    """The key=value arguments whose value was read as JSON other than a string: {key: text}."""
+    read = {}
+    for assignment in assignments:
+        key, _, text = assignment.partition("=")
+        try:
+            if not isinstance(json.loads(text), str):
+                read[key] = text
+        except ValueError:
+            pass
+    return read
+
+
+def string_hint(json_read):
+    """For a parameter error about a value that key=value read as JSON: how to pass a string."""
+    def hint(message):
+        for key, text in sorted(json_read.items()):
+            if (message.startswith("Invalid parameters") and "string" in message
+                    and re.search(r"\b%s\b" % re.escape(key), message)):
+                return ("%s=%s was read as JSON; for the string %s, write %s='\"%s\"' or use --params"
+                        % (key, text, json.dumps(text), key, text))
+        return None
+    return hint
+
+
+def command_run(args, environ, parser):
+    if args.job_type is None:
+        parser.print_usage(sys.stderr)
+        print("Error: name the job type to run: %s" % ", ".join(sorted(JOB_HANDLERS)), file=sys.stderr)
+        return EXIT_USAGE
     settings = resolve_settings(args, RUN_SETTINGS, environ, {"heartbeat_interval": RUN_HEARTBEAT_INTERVAL_S})
     for secret_variable in SECRET_VARIABLES:  # a local job needs no key: its handler must not see one
         environ.pop(secret_variable, None)
@@ -2571,7 +2619,7 @@ def command_run(args, environ):
     params = parse_run_params(args.params, args.params_json, args.params_file)
     configure_logging(sys.stderr, level=logging.CRITICAL)  # the job's console says it all
     try:
-        return run_locally(args.job_type, params, settings)
+        return run_locally(args.job_type, params, settings, hint=string_hint(json_read_values(args.params)))
     except KeyboardInterrupt:
         print("\nInterrupted", file=sys.stderr)
         return 128 + signal.SIGINT
@@ -2755,16 +2803,17 @@ def build_parser():
     run = commands.add_parser(
         "run", help="run one job here, without a worker or key",
         description="Run one job locally and print its output JSON, e.g. "
-                    "`run hello_world name=Alice processing_time=3`.")
-    run.add_argument("job_type", help="the job type, e.g. hello_world")
+                    "`run hello_world name=Alice processing_time=3`.",
+        epilog="job types: %s (more with --handlers)" % ", ".join(sorted(JOB_HANDLERS)))
+    run.add_argument("job_type", nargs="?", help="the job type, e.g. hello_world")
     run.add_argument("params", nargs="*", metavar="KEY=VALUE",
-                     help="a parameter; the value is read as JSON when it parses, else as a string")
+                     help="a parameter; the value is read as JSON when it parses (42, true, [1]), else "
+                          "as a string")
     run.add_argument("--params", dest="params_json", metavar="JSON", help="parameters as a JSON object")
-    run.add_argument("--params-file", metavar="FILE", help="a file holding parameters as a JSON object")
+    run.add_argument("--params-file", metavar="FILE",
+                     help="a file holding parameters as a JSON object (-: standard input)")
     add_setting_flags(run, RUN_SETTINGS, {"heartbeat_interval": RUN_HEARTBEAT_INTERVAL_S})
-    job_process = commands.add_parser(JOB_PROCESS_COMMAND)  # not listed: see ProcessJobExecution
-    job_process.add_argument("spec_path")
-    job_process.add_argument("channel_descriptor")
+    parser.commands = {"runner": runner, "check": check, "run": run}
     return parser
 
 
@@ -2811,20 +2860,21 @@ def command_runner(args, environ):
 def main(argv=None):
     """The command line; also the entry point for scripts that vendor this file and
     register their own job types first: ``sys.exit(runpack_runner.main())``."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [JOB_PROCESS_COMMAND] and len(argv) == 3:  # not a user's command: see ProcessJobExecution
+        return serve_job_process(argv[1], argv[2])
     parser = build_parser()
     args, unparsed = parser.parse_known_args(argv)
     if args.command == "run" and not any(arg.startswith("-") for arg in unparsed):
         args.params += unparsed  # key=value arguments given after an option
     elif unparsed:
-        parser.error("unrecognized arguments: %s" % " ".join(unparsed))
+        (parser.commands.get(args.command) or parser).error("unrecognized arguments: %s" % " ".join(unparsed))
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
-        if args.command == JOB_PROCESS_COMMAND:
-            return serve_job_process(args.spec_path, args.channel_descriptor)
         if args.command == "run":
-            return command_run(args, os.environ)
+            return command_run(args, os.environ, parser.commands["run"])
         if args.command == "check":
             return command_check(args, os.environ)
         return command_runner(args, os.environ)

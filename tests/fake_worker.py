@@ -23,18 +23,27 @@ after the row exists, it sends ``POST {relay_url}/publish`` with the bare publis
 "job_hash", "job_type", "timestamp"}``.  A resubmission of a known job publishes nothing.  Publishing
 is best effort: a failure never fails the submit and is only kept in ``publish_errors``.
 
+To try a runner by hand, ``python3 tests/fake_worker.py [--port PORT]`` serves one on 127.0.0.1 until
+Ctrl-C and prints its URL, its keys, a ``curl`` line that submits a job and the command that starts a
+runner against it (see ``main``).
+
 Standard library only; Python 3.8 compatible.
 """
 
+import argparse
 import copy
 import hashlib
 import itertools
 import json
+import os
 import re
+import shlex
+import signal
 import socket
 import socketserver
 import struct
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -953,3 +962,92 @@ class RecordingServer(_HTTPService):
 
     def _serve(self, handler, incoming):
         self._send(handler, incoming.record, _Reply(200, {"ok": True}))
+
+
+# ---- Try it by hand: python3 tests/fake_worker.py ---------------------------------
+
+DEFAULT_PORT = 8787
+TRY_JOB = {"job_type": "hello_world", "input_params": {"name": "Alice", "processing_time": 3}}
+
+
+def instructions(url):
+    """What the served fake prints: its URL, what each key is for, a submit and a runner command."""
+    runner_py = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "runpack_runner.py")
+    curl = " ".join(["curl", "-sS", "-X", "POST", url + "/api/jobs/submit",
+                     "-H", shlex.quote("Authorization: Bearer " + SUBMIT_KEY),
+                     "-H", shlex.quote("Content-Type: application/json"),
+                     "-d", shlex.quote(json.dumps(TRY_JOB))])
+    state_dir = os.path.join(tempfile.gettempdir(), "runpack-try")
+    runner = "RUNPACK_RUNNER_API_KEY=%s python3 %s runner --worker-url %s --state-dir %s --poll-interval 2" % (
+        RUNNER_KEY, shlex.quote(runner_py), url, shlex.quote(state_dir))
+    return "\n".join([
+        "Fake Runpack worker on %s (jobs live in memory; Ctrl-C stops it)" % url,
+        "",
+        "Keys (fixed test keys; a real worker's keys are secrets of its deployment):",
+        "  runner key  %s  what a runner sends: register, poll, claim, heartbeat, report" % RUNNER_KEY,
+        "  submit key  %s  what a client sends to submit jobs (not a runner key)" % SUBMIT_KEY,
+        "  admin key   none: the real worker's /api/admin/* routes are not in this fake",
+        "",
+        "Submit a hello_world job (run it again once the job is done to see its result):",
+        "  " + curl,
+        "",
+        "Start a runner against it, in another terminal:",
+        "  " + runner,
+        "",
+        "Jobs and runners, as they change:",
+    ])
+
+
+def _changes(worker, seen):
+    """One line per new runner and per job status change since the last call (``seen`` remembers)."""
+    lines = []
+    for runner_id, row in sorted(worker.runners.items(), key=lambda item: item[1]["registered_at"]):
+        if runner_id not in seen:
+            seen[runner_id] = True
+            lines.append("runner %s registered (%s)" % (runner_id, row["name"]))
+    for job in worker.jobs():
+        if seen.get(job["job_id"]) == job["status"]:
+            continue
+        seen[job["job_id"]] = job["status"]
+        line = "job %s %s %s: %s" % (job["job_id"], job["job_type"], json.dumps(job["input_params"]),
+                                     job["status"].replace("_", " "))
+        if job["status"] == "completed":
+            line += " " + json.dumps(job["output_data"])
+        elif job["status"] == "failed":
+            line += ": " + job["error_message"]
+        lines.append(line)
+    return lines
+
+
+def main(argv=None):
+    """Serve a fake worker on 127.0.0.1 until Ctrl-C (or SIGTERM), then exit 0."""
+    parser = argparse.ArgumentParser(
+        prog="python3 tests/fake_worker.py",
+        description="Serve a fake Runpack worker on 127.0.0.1, to try a runner against it.")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help="port to listen on (default %d; 0 picks a free one)" % DEFAULT_PORT)
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    worker = FakeWorker()
+    worker.port = args.port
+    try:
+        worker.start()
+    except OSError as exc:
+        print("fake_worker.py: cannot listen on 127.0.0.1:%d: %s (--port 0 picks a free port)"
+              % (args.port, exc.strerror or exc), file=sys.stderr)
+        return 2
+    try:
+        print(instructions(worker.url), flush=True)
+        seen = {}
+        while True:
+            for line in _changes(worker, seen):
+                print("[%s] %s" % (time.strftime("%H:%M:%S"), line), flush=True)
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        worker.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

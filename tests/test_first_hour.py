@@ -102,3 +102,45 @@ def test_an_idle_runner_says_so_once_and_logs_each_poll_only_with_verbose(worker
     assert quiet.stop() == 0 and verbose.stop() == 0
     assert quiet.output.count("No jobs available") == 1
     assert verbose.output.count("No jobs available; next poll in") >= 5
+
+
+# ---- The command line ------------------------------------------------------------------------
+
+
+def test_run_without_a_job_type_and_run_help_list_the_job_types():
+    bare = run_cli("run")
+    assert bare.returncode == 2 and "hello_world" in bare.stderr and "usage: runpack run" in bare.stderr
+    assert "hello_world" in run_cli("run", "--help").stdout
+
+
+def test_the_hidden_job_process_command_is_not_offered():
+    result = run_cli("nonsense")
+    assert result.returncode == 2 and "_job" not in result.stderr and "_job" not in run_cli("--help").stdout
+
+
+def test_an_unknown_option_of_run_shows_the_usage_of_run():
+    result = run_cli("run", "hello_world", "--bogus")
+    assert result.returncode == 2 and "usage: runpack run" in result.stderr
+
+
+def test_help_names_what_each_flag_takes_and_shows_no_false_defaults():
+    text = run_cli("runner", "--help").stdout
+    assert "--poll-interval SECONDS" in text and "--concurrency N" in text and "--worker-url URL" in text
+    assert "default False" not in text and "VALUE" not in text
+
+
+def test_params_file_dash_reads_standard_input_and_the_output_keeps_non_ascii():
+    result = subprocess.run([sys.executable, RUNNER_PY, "run", "hello_world", "--params-file", "-"],
+                            input='{"name": "Zoë", "processing_time": 0}', stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, universal_newlines=True, env=clean_environment(), timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert '"Hello, Zoë!"' in result.stdout
+
+
+def test_a_string_parameter_read_as_a_number_gets_a_hint_to_quote_it():
+    result = run_cli("run", "hello_world", "name=42", "processing_time=0")
+    assert result.returncode == 1
+    hint = [line for line in result.stderr.splitlines() if line.startswith("Hint:")]
+    assert hint and "name=" in hint[0] and "--params" in hint[0]
+    assert not [line for line in run_cli("run", "hello_world", "name=Al", "processing_time=-1").stderr.splitlines()
+                if line.startswith("Hint:")], "no hint when the value was a string already"

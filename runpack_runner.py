@@ -2015,9 +2015,7 @@ class JobSlot(threading.Thread):
         return report
 
 
-# ---- The runner loop: identity, poll, claim, batch limits ------------------------
-
-
+# ---- The runner's policies: fleets, poll pacing, batch limits, idle log -----------
 
 class BatchLimits:
     """When a batch runner's work is over: --once/--max-jobs, --max-uptime, --idle-timeout."""
@@ -2157,6 +2155,8 @@ class IdleLog:
                      (now - self._counting_since) / 60)
             self._polls, self._counting_since = 0, now
 
+
+# ---- The runner loop: identity, poll, claim, signals -------------------------------
 
 class Runner:
     """Registers, polls with backoff and claims down the polled list, giving each claimed

@@ -188,12 +188,12 @@ def test_the_subscribe_key_reaches_neither_output_log_console_nor_job_environmen
         worker, relay, start_runner, isolation):
     relay.add_fault("status", status=502, times=2, body={"error": "%s is not welcome" % RELAY_SUBSCRIBE_KEY})
     runner = start_runner(*isolation, *HANDLERS, env=relay_environment(relay))
-    wait_until_idle_and_subscribed(worker, relay)
-    runner.wait_for_output("NotifyRelay answers again")
+    wait_until_idle_and_subscribed(worker, relay)  # the relay's answers echoed the key twice, then a poll held
     secret = {"sha256": hashlib.sha256(RELAY_SUBSCRIBE_KEY.encode("utf-8")).hexdigest(),
               "length": len(RELAY_SUBSCRIBE_KEY)}
     job_id = worker.add_job("environment_witness", secret)
     worker.wait_until(all_completed(worker, [job_id]), timeout=10)
+    runner.wait_for_output("NotifyRelay answers again")  # the held poll returned the job's notice
     assert runner.stop() == 0
     job = worker.job(job_id)
     assert job["output_data"]["holding_the_secret"] == []

@@ -819,7 +819,7 @@ RELAY_TOPIC = "runpack_notifications"
 RELAY_POLL_TIMEOUT_MS = 55000  # the relay's longest hold of a poll
 RELAY_READ_MARGIN_S = 10.0  # the HTTP read waits this much longer than the relay holds a poll
 RELAY_RETRY_MAX_S = 30.0
-RELAY_CHECK_TIMEOUT_MS = 1000  # `check` asks the relay to hold its poll this long at most
+RELAY_CHECK_TIMEOUT_MS = 1000  # `check`, and the first poll after trouble, ask for a short hold
 
 
 class RelayKeyRejected(Exception):
@@ -890,8 +890,8 @@ class RelaySubscriber(threading.Thread):
                  self.relay.subscriber_id)
         backoff = RetryBackoff(RELAY_RETRY_MAX_S)
         while True:
-            try:
-                messages = self.relay.poll()
+            try:  # after trouble, a short poll first, so that a relay back up is known at once
+                messages = self.relay.poll(RELAY_CHECK_TIMEOUT_MS if backoff.failures else RELAY_POLL_TIMEOUT_MS)
             except RelayKeyRejected as error:
                 LOG.error("NotifyRelay %s: %s; no push wake-ups (polling the worker goes on). Check "
                           "NOTIFY_RELAY_SUBSCRIBE_KEY", self.relay.base_url, error)
@@ -1107,26 +1107,42 @@ class JobHandler:
 
     A job type that needs optional packages or environment variables lists them, so
     that a runner without them never claims such a job (the worker keeps a failure
-    forever).
+    forever). A package counts only once it imports in the interpreter that runs the
+    jobs (see ``import_problems``): one can be installed and still fail on import.
     """
 
     requires_modules = ()
     requires_env = ()
-    install_hint = ""
+    install_hint = ""  # e.g. "install them with: pip install 'runpack-runner[extra]'"
 
     def execute(self, input_params, heartbeat_callback):
         raise NotImplementedError
 
-    def unavailable_reason(self):
-        """None when this runner can run the job type, else why not and how to fix it."""
-        missing = [name for name in self.requires_modules if importlib.util.find_spec(name) is None]
+    def unmet_requirements(self):
+        """Why not, from what is seen without importing anything: packages not installed,
+        environment variables not set. An empty list when nothing else stops the job type."""
+        missing = [name for name in self.requires_modules if not _module_installed(name)]
         unset = [name for name in self.requires_env if not os.environ.get(name)]
         reasons = []
         if missing:
-            reasons.append("missing Python packages %s (%s)" % (", ".join(missing), self.install_hint))
+            reasons.append(self._with_install_hint("missing Python packages %s" % ", ".join(missing)))
         if unset:
             reasons.append("environment variable %s not set" % ", ".join(unset))
+        return reasons
+
+    def unavailable_reason(self):
+        """None when this runner can run the job type, else why not and how to fix it. The
+        packages' imports are checked only when nothing else stops the job type."""
+        reasons = self.unmet_requirements()
+        if not reasons and self.requires_modules:
+            broken = [(name, problem) for name, problem in import_problems(self.requires_modules).items() if problem]
+            if broken:
+                reasons.append(self._with_install_hint("Python packages that fail to import with Python %s: %s" % (
+                    sys.version.split()[0], ", ".join("%s (%s)" % pair for pair in broken))))
         return "; ".join(reasons) or None
+
+    def _with_install_hint(self, reason):
+        return "%s (%s)" % (reason, self.install_hint) if self.install_hint else reason
 
 
 class FunctionJobHandler(JobHandler):
@@ -1164,8 +1180,83 @@ def job_type(name):
 
 
 def job_type_availability():
-    """Each registered job type, with None when this runner can run it, else why not."""
-    return [(name, handler.unavailable_reason()) for name, handler in sorted(JOB_HANDLERS.items())]
+    """Each registered job type, with None when this runner can run it, else why not. The
+    packages of every job type that nothing else stops are import-checked together, in one
+    child process; none at all when no such job type requires any."""
+    handlers = sorted(JOB_HANDLERS.items())
+    import_problems(sorted({module for _, handler in handlers if isinstance(handler, JobHandler)
+                            and not handler.unmet_requirements() for module in handler.requires_modules}))
+    return [(name, handler.unavailable_reason()) for name, handler in handlers]
+
+
+IMPORT_CHECK_TIMEOUT_S = 60.0  # importing big packages from a cold network file system is slow
+IMPORT_CHECK_MARKER = "runpack-import-check: "
+# Run by `python -c` with the runner's own interpreter, flags and sys.path (argv[1], JSON), so
+# that it imports what a job process would; one line per module after the marker.
+IMPORT_CHECK_SCRIPT = """\
+import json, os, sys
+sys.path[:] = json.loads(sys.argv[1])
+for name in sys.argv[2:]:
+    try:
+        __import__(name)
+        problem = None
+    except BaseException as error:
+        problem = ("%s: %s" % (type(error).__name__, error)).strip().splitlines()[0][:200]
+    os.write(1, ("\\n" + MARKER + json.dumps([name, problem]) + "\\n").encode("utf-8"))
+os._exit(0)  # a thread or atexit hook that an import left behind must not hold the answer up
+""".replace("MARKER", repr(IMPORT_CHECK_MARKER))
+_import_checks = {}  # module name -> None when it imports, else why not; for the life of this process
+_import_checks_lock = threading.Lock()
+
+
+def import_problems(names):
+    """{name: None when the module imports in the interpreter that runs the jobs, else why
+    not}. The names not asked about before are imported in one child process of this
+    interpreter, never in the runner's own (figpack alone costs 0.5 s and 60 MB to import),
+    and each answer is kept for the life of this process."""
+    with _import_checks_lock:
+        unchecked = [name for name in names if name not in _import_checks]
+        if unchecked:
+            _import_checks.update(_check_imports(unchecked))
+        return {name: _import_checks[name] for name in names}
+
+
+def checked_imports():
+    """What import_problems has found so far: {module name: None or why it does not import}."""
+    with _import_checks_lock:
+        return dict(_import_checks)
+
+
+def _check_imports(names):
+    import subprocess
+
+    command = ([sys.executable] + _interpreter_flags()
+               + ["-c", IMPORT_CHECK_SCRIPT, json.dumps(sys.path)] + list(names))
+    environment = {key: value for key, value in os.environ.items() if key not in SECRET_VARIABLES}
+    try:
+        finished = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, env=environment, timeout=IMPORT_CHECK_TIMEOUT_S)
+        output, ending = finished.stdout, "the import check %s" % describe_exit(finished.returncode)
+    except subprocess.TimeoutExpired as error:
+        output, ending = error.stdout or b"", "the import check did not end within %g s" % IMPORT_CHECK_TIMEOUT_S
+    except OSError as error:
+        output, ending = b"", "cannot start %s to check it: %s" % (sys.executable, error)
+    results = {}
+    for line in output.decode("utf-8", "replace").splitlines():
+        if line.startswith(IMPORT_CHECK_MARKER):
+            name, problem = json.loads(line[len(IMPORT_CHECK_MARKER):])
+            results[name] = problem
+    return {name: results.get(name, ending) for name in names}
+
+
+def _module_installed(name):
+    """Whether the module's top-level package can be found, without importing anything (find_spec
+    of a dotted name would import its parent package)."""
+    top_level = name.partition(".")[0]
+    try:
+        return importlib.util.find_spec(top_level) is not None
+    except ValueError:  # already imported, without a __spec__
+        return top_level in sys.modules
 
 
 def load_handler_modules(specs):
@@ -1273,27 +1364,49 @@ def _optional_string(input_params, name):
     return value
 
 
-@job_type("figpack_nwb_raster_plot")
-class FigpackRasterPlotJob(JobHandler):
-    """Builds a figpack raster plot of an NWB units table, uploads it, returns its URL.
+class InvalidParameters(ValueError):
+    """The input fails one of our own checks made while a job reads its data (a path that is
+    not in the NWB file, say): "Invalid parameters: ...", the caller's mistake. Any other
+    ValueError from inside figpack, lindi or the data fails the job like any other error."""
+
+
+class FigpackNwbJob(JobHandler):
+    """What the figpack job types on an NWB file share: the parameters (``nwb_url``, a path in
+    the file named by ``path_parameter``, optional ``dandiset_id`` and ``neurosift_url``), the
+    console and its heartbeats, the upload with those parameters as the figure's description,
+    and the figpack_url rule. A subclass names its view and builds it in ``make_view``.
 
     figpack reads FIGPACK_API_KEY to upload and FIGPACK_API_BASE_URL when it is imported;
-    it is imported here, when such a job runs, never when the runner starts.
+    it is imported when such a job runs, never when the runner starts. Neither figpack nor
+    lindi sets an HTTP timeout: a stalled server is ended by --job-timeout.
     """
 
-    requires_modules = ("figpack", "figpack_spike_sorting", "lindi")
     requires_env = ("FIGPACK_API_KEY",)
-    install_hint = "install them with: pip install 'runpack-runner[figpack]'"
+    path_parameter = "path"
+    path_label = "Path"  # the console's "<path_label>: /the/path" line
+    view_name = ""  # "Successfully created <view_name> view"
+    upload_label = ""  # "Uploading <upload_label> to figurl..."
+    absent_optional = ""  # dandiset_id and neurosift_url when not given
+
+    def title(self, path):
+        raise NotImplementedError
+
+    def make_view(self, nwb_url, path, say):
+        """(the figpack view, more output); ``say(line)`` adds a console line. Raises
+        InvalidParameters when the file shows the parameters wrong."""
+        raise NotImplementedError
 
     def execute(self, input_params, heartbeat_callback):
         nwb_url = _required_string(input_params, "nwb_url")
         if not _is_http_url(nwb_url):
             raise ValueError("nwb_url must be an http:// or https:// URL")
-        units_path = _required_string(input_params, "units_path")
-        if not units_path.startswith("/"):
-            raise ValueError("units_path must start with /")
-        dandiset_id = _optional_string(input_params, "dandiset_id")
-        neurosift_url = _optional_string(input_params, "neurosift_url")
+        path = _required_string(input_params, self.path_parameter)
+        if not path.startswith("/"):
+            raise ValueError("%s must start with /" % self.path_parameter)
+        identity = {"nwb_url": nwb_url, self.path_parameter: path}
+        for name in ("dandiset_id", "neurosift_url"):
+            value = _optional_string(input_params, name)
+            identity[name] = self.absent_optional if value is None else value
         console = []
 
         def say(line):
@@ -1301,19 +1414,16 @@ class FigpackRasterPlotJob(JobHandler):
             heartbeat_callback(console_output="\n".join(console))
 
         say("Loading NWB file from: %s" % nwb_url)
-        say("Units path: %s" % units_path)
-        identity = {"nwb_url": nwb_url, "units_path": units_path, "dandiset_id": dandiset_id,
-                    "neurosift_url": neurosift_url}
+        say("%s: %s" % (self.path_label, path))
         try:
-            from figpack_spike_sorting.views import RasterPlot
-
-            view = RasterPlot.from_nwb_units_table(nwb_url, units_path=units_path)
-            say("Successfully created RasterPlot view")
-            say("Uploading raster plot to figurl...")
-            figpack_url = view.show(title="Raster plot: %s" % units_path,
-                                    description=json.dumps(identity), upload=True,
+            view, more_output = self.make_view(nwb_url, path, say)
+            say("Successfully created %s view" % self.view_name)
+            say("Uploading %s to figurl..." % self.upload_label)
+            figpack_url = view.show(title=self.title(path), description=json.dumps(identity), upload=True,
                                     wait_for_input=False, open_in_browser=False)
-        except ValueError as error:  # from figpack or the data, not from our parameters
+        except InvalidParameters:
+            raise
+        except ValueError as error:  # from figpack, lindi or the data, not from our parameters
             raise RuntimeError("%s: %s" % (type(error).__name__, error)) from error
         if not isinstance(figpack_url, str) or not figpack_url.endswith("/index.html"):
             # The worker re-validates a cached result by fetching .../figpack.json in place of
@@ -1321,7 +1431,179 @@ class FigpackRasterPlotJob(JobHandler):
             raise RuntimeError("figpack returned %r, not a URL ending in /index.html" % (figpack_url,))
         say("Successfully uploaded! URL: %s" % figpack_url)
         say("Completed!")
-        return dict(identity, figpack_url=figpack_url, console_output="\n".join(console))
+        return dict(identity, figpack_url=figpack_url, console_output="\n".join(console), **more_output)
+
+
+def _nwb_group(nwb, path, parameter):
+    """The group at ``path`` of an open NWB file, or InvalidParameters naming the parameter."""
+    if path not in nwb:
+        raise InvalidParameters("%s %s is not in the NWB file" % (parameter, path))
+    group = nwb[path]
+    if not hasattr(group, "keys"):
+        raise InvalidParameters("%s %s is a dataset in the NWB file, not a group" % (parameter, path))
+    return group
+
+
+# figpack_experimental and figpack_nwb are not on PyPI: the extra brings what is.
+EXTENSION_INSTALL_HINT = ("install them with: pip install 'runpack-runner[figpack-extensions]', "
+                          "and %s from the figpack project")
+
+
+@job_type("figpack_nwb_raster_plot")
+class FigpackRasterPlotJob(FigpackNwbJob):
+    """A figpack raster plot of an NWB units table (figpack_spike_sorting's RasterPlot)."""
+
+    requires_modules = ("figpack", "figpack_spike_sorting", "lindi")
+    install_hint = "install them with: pip install 'runpack-runner[figpack]'"
+    path_parameter, path_label = "units_path", "Units path"
+    view_name, upload_label = "RasterPlot", "raster plot"
+    absent_optional = None  # as the deployed raster plot reports them
+
+    def title(self, path):
+        return "Raster plot: %s" % path
+
+    def make_view(self, nwb_url, path, say):
+        from figpack_spike_sorting.views import RasterPlot
+
+        return RasterPlot.from_nwb_units_table(nwb_url, units_path=path), {}
+
+
+VIDEO_PREVIEW_MAX_FRAMES = 1000
+VIDEO_DEFAULT_FPS = 30.0
+PREVIEW_SLAB_VALUES = 1 << 20  # values scaled at a time: an 8 MB float64 working buffer
+
+
+@job_type("figpack_nwb_video_preview")
+class FigpackVideoPreviewJob(FigpackNwbJob):
+    """A figpack video of the first 1000 frames of an NWB ImageSeries (figpack_experimental's
+    LossyVideo, which encodes an MP4 in show(): most of the job's time)."""
+
+    requires_modules = ("figpack_experimental", "lindi", "numpy", "h5py")
+    install_hint = EXTENSION_INSTALL_HINT % "figpack_experimental"
+    path_parameter, path_label = "image_series_path", "Image series path"
+    view_name, upload_label = "LossyVideo", "video preview"
+
+    def title(self, path):
+        return "RUNPACK: Video Preview from NWB ImageSeries"
+
+    def make_view(self, nwb_url, path, say):
+        import lindi
+        from figpack_experimental.views import LossyVideo
+
+        with lindi.LindiH5pyFile.from_hdf5_file(nwb_url) as nwb:
+            series = _nwb_group(nwb, path, self.path_parameter)
+            data = _image_series_data(series, path)
+            fps, timing = image_series_rate(series)
+            total = data.shape[0]
+            count = min(total, VIDEO_PREVIEW_MAX_FRAMES)
+            say("Reading %s frames (%d x %d, %s) at %g fps (%s)" % (
+                count if count == total else "the first %d of %d" % (count, total), data.shape[1],
+                data.shape[2], "RGB" if len(data.shape) == 4 else "grayscale", fps, timing))
+            frames = preview_frames(data[:count])
+        return LossyVideo(frames, fps=fps), {"num_frames": count}
+
+
+def _image_series_data(series, path):
+    """The ``data`` of an ImageSeries: T×H×W or T×H×W×3 frames, at least one."""
+    if "data" not in series:
+        raise InvalidParameters("image_series_path %s is not an ImageSeries: it has no data" % path)
+    data = series["data"]
+    shape = tuple(data.shape or ())
+    if not shape or 0 in shape:
+        if "external_file" in series or shape == (0, 0, 0):  # as many DANDI files keep their videos
+            raise InvalidParameters("image_series_path %s stores its frames in an external file%s, not in "
+                                    "the NWB file: there are none to preview" % (path, _external_file_name(series)))
+        raise InvalidParameters("image_series_path %s holds no frames (its data has shape %s)" % (path, shape))
+    if not (len(shape) == 3 or (len(shape) == 4 and shape[3] == 3)):
+        raise InvalidParameters("the data of image_series_path %s has shape %s, not frames x height x width "
+                                "(grayscale) or frames x height x width x 3 (RGB)" % (path, shape))
+    return data
+
+
+def _external_file_name(series):
+    """The first external_file of an ImageSeries as " (video.mp4)", or "" when it has none."""
+    try:
+        name = series["external_file"][0]
+    except Exception:  # an odd external_file leaves the message without its name
+        return ""
+    return " (%s)" % (name.decode("utf-8", "replace") if isinstance(name, bytes) else name)
+
+
+def image_series_rate(series):
+    """(frames per second, where it came from) of an NWB ImageSeries: the rate of its
+    starting_time, else 1 / the median step of its first 100 timestamps, else 30. A rate that
+    is not a positive number (one timestamp, equal timestamps) gives 30 too."""
+    import numpy
+
+    if "starting_time" in series:
+        rate, source = series["starting_time"].attrs.get("rate"), "from starting_time"
+    elif "timestamps" in series:
+        steps = numpy.diff(numpy.asarray(series["timestamps"][:100], dtype=numpy.float64))
+        step = numpy.median(steps) if steps.size else 0.0
+        rate, source = (1.0 / step if step > 0 else None), "from timestamps"
+    else:
+        rate, source = None, "no timing in the series"
+    try:
+        rate = float(rate)
+    except (TypeError, ValueError):
+        rate = None
+    if rate is None or not numpy.isfinite(rate) or rate <= 0:
+        return VIDEO_DEFAULT_FPS, source + ", so the default"
+    return rate, source
+
+
+def preview_frames(frames):
+    """Video frames (T×H×W grayscale or T×H×W×3 RGB, any real dtype) as uint8 T×H×W×3 whose
+    99th percentile p is 255: clip(frames, 0, p) / p * 255, truncated, as the deployed job
+    does; a video whose p is 0 (all zero) stays black instead of dividing by zero.
+
+    At most two arrays of the frames' size live at once (plus an 8 MB working buffer): the
+    frames and the result, which is the frames themselves when they are already uint8 RGB
+    (scaled in place: ``frames`` may be overwritten). The deployed formula made several float64
+    copies, each 8 bytes a value."""
+    import numpy
+
+    if not (frames.ndim == 3 or (frames.ndim == 4 and frames.shape[3] == 3)):
+        raise ValueError("frames must be T x H x W or T x H x W x 3, not %s" % (frames.shape,))
+    peak = float(numpy.percentile(frames, 99)) if frames.size else 0.0
+    in_place = (frames.dtype == numpy.uint8 and frames.ndim == 4 and frames.flags.writeable
+                and frames.flags.c_contiguous)
+    result = frames if in_place else numpy.empty(frames.shape[:3] + (3,), dtype=numpy.uint8)
+    if not (peak > 0 and numpy.isfinite(peak)):
+        result[...] = 0
+        return result
+    step = max(1, PREVIEW_SLAB_VALUES // max(1, frames[0].size))
+    buffer = numpy.empty((min(step, len(frames)),) + frames.shape[1:], dtype=numpy.float64)
+    for start in range(0, len(frames), step):
+        slab = buffer[:len(frames[start:start + step])]
+        slab[...] = frames[start:start + step]
+        numpy.clip(slab, 0, peak, out=slab)
+        slab /= peak
+        slab *= 255
+        result[start:start + step] = slab if frames.ndim == 4 else slab[..., numpy.newaxis]
+    return result
+
+
+@job_type("figpack_nwb_pose_estimation")
+class FigpackPoseEstimationJob(FigpackNwbJob):
+    """A figpack view of an NWB PoseEstimation group (figpack_nwb's PoseEstimation, which reads
+    the file itself through lindi, caching under the job's own TMPDIR)."""
+
+    requires_modules = ("figpack_nwb", "lindi")
+    install_hint = EXTENSION_INSTALL_HINT % "figpack_nwb"
+    path_parameter, path_label = "path", "Pose estimation path"
+    view_name, upload_label = "PoseEstimation", "pose estimation"
+
+    def title(self, path):
+        return "RUNPACK: Pose Estimation from NWB"
+
+    def make_view(self, nwb_url, path, say):
+        import lindi
+        from figpack_nwb.views import PoseEstimation
+
+        with lindi.LindiH5pyFile.from_hdf5_file(nwb_url) as nwb:  # so that a wrong path is named as such
+            _nwb_group(nwb, path, self.path_parameter)
+        return PoseEstimation(nwb=nwb_url, path=path, use_local_cache=True), {}
 
 
 # ---- Progress and heartbeats ---------------------------------------------------
@@ -2679,6 +2961,12 @@ def command_check(args, environ, out=None):
         checklist.line("Job type", "%s: %s" % (name, "served" if reason is None else "NOT served: " + reason))
         if reason is None:
             serving.append(name)
+    imports = checked_imports()
+    if imports:
+        verdicts = [("import", [name for name, problem in sorted(imports.items()) if problem is None]),
+                    ("fail to import", [name for name, problem in sorted(imports.items()) if problem])]
+        checklist.line("Imports", "%s (checked in a child process of this Python, as a job would import them)"
+                       % "; ".join("%s %s" % (", ".join(names), verdict) for verdict, names in verdicts if names))
     if not serving:
         checklist.problem("Job types", "this runner could serve none")
     if checklist.problems:
@@ -2763,7 +3051,8 @@ def _check_relay(checklist, settings, relay_key):
         check_api_key(relay_key, RELAY_KEY_ENV)
         url = check_worker_url(settings.notify_relay_url, settings.allow_insecure_http, "NotifyRelay",
                                "subscribe key")
-        RelayClient(url, relay_key, "runpack-check-" + os.urandom(4).hex(), "runpack check").poll(
+        # One subscriber id per machine: the relay keeps a queue for every id it has seen.
+        RelayClient(url, relay_key, "runpack-check-" + socket.gethostname(), "runpack check").poll(
             RELAY_CHECK_TIMEOUT_MS)
     except ConfigurationError as error:
         checklist.problem("NotifyRelay", str(error))

@@ -8,16 +8,21 @@ Commands:
   figpack   the figpack_nwb_raster_plot job type: real figpack + lindi, called directly in a fresh
             interpreter versus run as a job by the real runner CLI against the fake worker; wall
             time and the runner's memory. Needs the figpack extra and h5py.
+  fleet     many runners on one queue: draining it with one runner versus eight (jobs per second,
+            lost claims, polls, 429s), how a fleet comes back after a worker outage (spread, not
+            lockstep), and how soon an idle runner picks a single job up, with and without the
+            NotifyRelay push wake-up (the fake relay from tests/).
 
-Every server involved (the fake worker, the NWB Range server, the figpack API stand-in from
-tests/) listens on 127.0.0.1 only; nothing leaves the machine. This file uses the standard
-library only at import time: a command imports what it needs when it runs. More commands are
-added with another ``add_parser`` in ``build_parser`` and a ``command_*`` function.
+Every server involved (the fake worker, the fake relay, the NWB Range server, the figpack API
+stand-in from tests/) listens on 127.0.0.1 only; nothing leaves the machine. This file uses the
+standard library only at import time: a command imports what it needs when it runs. More commands
+are added with another ``add_parser`` in ``build_parser`` and a ``command_*`` function.
 """
 
 import argparse
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -301,9 +306,11 @@ def bench_local_run(repeats, *flags):
     return median(runs) * 1000, median(baseline) * 1000
 
 
-def start_runner_process(worker_url, state_dir, *flags):
-    env = {key: value for key, value in os.environ.items() if not key.startswith("RUNPACK_")}
+def start_runner_process(worker_url, state_dir, *flags, **extra_env):
+    """A runner polling every 0.5 to 1 s (later ``flags`` win), its output in its state directory's log."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("RUNPACK_", "NOTIFY_RELAY_"))}
     env["RUNPACK_RUNNER_API_KEY"] = fake_worker_module().RUNNER_KEY
+    env.update(extra_env)
     command = [sys.executable, RUNNER_PY, "runner", "--worker-url", worker_url, "--state-dir", state_dir,
                "--poll-interval", "0.5", "--poll-interval-max", "1"] + list(flags)
     return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -377,6 +384,186 @@ def command_core(args):
     return 0
 
 
+# ---- fleet: one queue and many runners, restarts after an outage, push wake-up -----------------
+
+def start_fleet(worker, count, workdir, *flags, **extra_env):
+    """``count`` runners, one state directory each, started at once; returns once each has polled."""
+    state_dirs = [os.path.join(workdir, "state-%d" % number) for number in range(count)]
+    runners = [start_runner_process(worker.url, state_dir, *flags, **extra_env) for state_dir in state_dirs]
+
+    def exited():
+        return [number for number, runner in enumerate(runners) if runner.poll() is not None]
+
+    wait_for(lambda: len(polling_runners(worker)) >= count or exited(), 60, "every runner's first poll", step=0.02,
+             describe=lambda: tail(os.path.join(state_dirs[0], "runpack_runner.log")))
+    if exited():
+        stop_fleet(runners)
+        number = exited()[0]
+        raise RuntimeError("a runner exited at start with code %s:\n%s" % (
+            runners[number].returncode, tail(os.path.join(state_dirs[number], "runpack_runner.log"))))
+    return runners
+
+
+def stop_fleet(runners):
+    for runner in runners:
+        if runner.poll() is None:
+            runner.terminate()
+    for runner in runners:
+        runner.wait(60)
+
+
+def polling_runners(worker):
+    return {record.runner_id for record in worker.requests if record.route == "available"}
+
+
+def bench_fleet_drain(runner_count, jobs, latency_s):
+    """A queue of instant hello_world jobs added at once to ``runner_count`` idle runners: jobs per
+    second from the first claim to the last report, lost claims (409), polls per job, and 429s."""
+    with fake_worker_module().FakeWorker() as worker, tempfile.TemporaryDirectory() as workdir:
+        runners = start_fleet(worker, runner_count, workdir, "--in-process")
+        try:
+            if latency_s:
+                worker.add_fault("slow", times=None, delay=latency_s)
+            added = time.monotonic()
+            for number in range(jobs):
+                worker.add_job("hello_world", {"name": "n%d" % number, "processing_time": 0})
+            wait_for(lambda: len(worker.jobs(status="completed")) == jobs, 1200, "the queue to drain", step=0.05,
+                     describe=worker.describe)
+        finally:
+            stop_fleet(runners)
+        records = [record for record in worker.requests if record.at >= added]
+        first_claim = min(record.at for record in records if record.route == "claim")
+        last_report = max(record.at for record in records if record.route == "complete" and record.status == 200)
+        return {"runners": runner_count, "jobs": jobs, "latency_ms": latency_s * 1000,
+                "jobs_per_s": jobs / (last_report - first_claim),
+                "lost_claims_per_job": worker.count("claim", status=409) / float(jobs),
+                "polls_per_job": sum(record.route == "available" and record.at <= last_report
+                                     for record in records) / float(jobs),
+                "answers_429": worker.count(status=429),
+                "runners_that_completed": len({job["claimed_by"] for job in worker.jobs()})}
+
+
+def bench_restart_spread(runner_count, outage_s, bucket_s=0.1):
+    """Idle runners, the worker down for ``outage_s``, then back: when does each runner's first
+    request come after that, and how many requests share the busiest ``bucket_s``?"""
+    with fake_worker_module().FakeWorker() as worker, tempfile.TemporaryDirectory() as workdir:
+        runners = start_fleet(worker, runner_count, workdir, "--in-process", "--retry-max", "2")
+        try:
+            time.sleep(2.0)  # idle polling for a while, as a fleet would be
+            worker.go_down()
+            time.sleep(outage_s)
+            back = time.monotonic()
+            worker.come_up()
+            wait_for(lambda: len({record.runner_id for record in worker.requests if record.at >= back
+                                  and record.runner_id}) >= runner_count,
+                     60, "every runner's first request after the outage", step=0.02)
+            time.sleep(1.0)  # the requests that follow, for the buckets
+        finally:
+            stop_fleet(runners)
+        after = [record for record in worker.requests if record.at >= back and record.runner_id]
+        firsts = {}
+        for record in after:
+            firsts.setdefault(record.runner_id, record.at - back)
+        window = max(firsts.values()) + 1.0
+        buckets = {}
+        for record in after:
+            if record.at - back <= window:
+                bucket = int((record.at - back) / bucket_s)
+                buckets[bucket] = buckets.get(bucket, 0) + 1
+        return {"runners": runner_count, "outage_s": outage_s, "first_request_s": sorted(firsts.values()),
+                "spread_s": max(firsts.values()) - min(firsts.values()),
+                "busiest_bucket_requests": max(buckets.values()), "bucket_s": bucket_s,
+                "requests_in_window": sum(buckets.values()), "window_s": window}
+
+
+def bench_pickup(jobs, interval_s, with_relay):
+    """Single jobs added at random moments to an idle runner whose poll interval is at its cap
+    ``interval_s``: seconds from add_job (which publishes to the relay, if any) to the claim."""
+    sys.path.insert(0, TESTS)
+    import fake_relay
+
+    relay = fake_relay.FakeRelay().start() if with_relay else None
+    extra_env = {}
+    worker = fake_worker_module().FakeWorker().start()
+    if relay is not None:
+        worker.relay_url, worker.relay_publish_key = relay.url, fake_relay.RELAY_PUBLISH_KEY
+        extra_env = {"NOTIFY_RELAY_BASE_URL": relay.url, "NOTIFY_RELAY_SUBSCRIBE_KEY": fake_relay.RELAY_SUBSCRIBE_KEY}
+    latencies = []
+    try:
+        with tempfile.TemporaryDirectory() as workdir:
+            runners = start_fleet(worker, 1, workdir, "--in-process", "--poll-interval", str(interval_s),
+                                  "--poll-interval-max", str(interval_s), **extra_env)
+            try:
+                if relay is not None:
+                    wait_for(lambda: relay.held_polls >= 1, 30, "the runner's subscription")
+                for number in range(jobs):
+                    time.sleep(random.uniform(0, interval_s))
+                    added = time.monotonic()
+                    job_id = worker.add_job("hello_world", {"name": "pickup-%d" % number, "processing_time": 0})
+                    wait_for(lambda: worker.job(job_id)["status"] == "completed", 3 * interval_s + 30,
+                             "job %d" % number, step=0.01)
+                    claims = [record.at for record in worker.requests
+                              if record.route == "claim" and record.job_id == job_id]
+                    latencies.append(claims[0] - added)
+            finally:
+                stop_fleet(runners)
+    finally:
+        worker.stop()
+        if relay is not None:
+            relay.stop()
+    return {"relay": with_relay, "interval_s": interval_s, "latencies_s": latencies,
+            "p50_s": statistics.median(latencies), "max_s": max(latencies)}
+
+
+def command_fleet(args):
+    print("Runpack runner fleet benchmark: Python %s, %d cores" % (sys.version.split()[0], os.cpu_count()))
+    results = {"drain": [], "restart": None, "pickup": []}
+    for latency_ms in (0, args.latency_ms):
+        for count in (1, args.runners):
+            results["drain"].append(bench_fleet_drain(count, args.jobs, latency_ms / 1000.0))
+            sys.stdout.flush()
+    print("\nDraining %d instant hello_world jobs added at once to idle --in-process runners (one state "
+          "directory each, polling every 0.5-1 s), worker latency added to every answer:" % args.jobs)
+    rows = [["%d ms" % run["latency_ms"], "%d" % run["runners"], "%d" % run["runners_that_completed"],
+             "%.1f" % run["jobs_per_s"], "%.2f" % run["lost_claims_per_job"], "%.3f" % run["polls_per_job"],
+             "%d" % run["answers_429"]] for run in results["drain"]]
+    print_table(["latency", "runners", "took jobs", "jobs/s", "lost claims/job", "polls/job", "429s"], rows)
+    print("(took jobs: runners that completed at least one; jobs/s: from the first claim to the last report; "
+          "lost claims: claims answered 409, another runner was first; polls: from adding the jobs to the last "
+          "report)")
+    for one, fleet in zip(results["drain"][::2], results["drain"][1::2]):
+        print("%d runners / one runner at %d ms: %.1fx" % (fleet["runners"], fleet["latency_ms"],
+                                                          fleet["jobs_per_s"] / one["jobs_per_s"]))
+    if any(run["answers_429"] for run in results["drain"]):
+        print("WARNING: the worker answered 429: a runner went over its rate limit")
+    sys.stdout.flush()
+
+    restart = results["restart"] = bench_restart_spread(args.runners, args.outage)
+    print("\nRestart after a %g s worker outage: %d idle runners (--poll-interval 0.5, --retry-max 2)"
+          % (args.outage, args.runners))
+    print("first request of each runner after the worker came back: %s s"
+          % ", ".join("%.2f" % offset for offset in restart["first_request_s"]))
+    print("spread between the first and the last runner: %.2f s; busiest %d ms: %d of the %d requests of "
+          "the next %.1f s (in lockstep, all %d runners would land in one)"
+          % (restart["spread_s"], restart["bucket_s"] * 1000, restart["busiest_bucket_requests"],
+             restart["requests_in_window"], restart["window_s"], args.runners))
+    sys.stdout.flush()
+
+    for with_relay in (False, True):
+        results["pickup"].append(bench_pickup(args.pickup_jobs, args.pickup_interval, with_relay))
+    print("\nPickup of single jobs added at random moments to an idle runner whose poll interval is at its "
+          "cap (%g s here, not the default 60 s, to keep the run short), from add_job to the claim:"
+          % args.pickup_interval)
+    print_table(["wake-up", "jobs", "p50", "max"],
+                [["NotifyRelay" if run["relay"] else "polling only", "%d" % len(run["latencies_s"]),
+                  "%.3f s" % run["p50_s"], "%.3f s" % run["max_s"]] for run in results["pickup"]])
+    if args.json:
+        with open(args.json, "w") as stream:
+            json.dump(results, stream, indent=2)
+        print("raw figures written to %s" % args.json)
+    return 0
+
+
 # ---- command line ------------------------------------------------------------------------------
 
 def build_parser():
@@ -401,6 +588,19 @@ def build_parser():
     core.add_argument("--latency-ms", type=int, default=50,
                       help="delay added to every worker answer in the second drain series (default 50)")
     core.set_defaults(func=command_core)
+    fleet = commands.add_parser(
+        "fleet", help="one runner versus a fleet on one queue, restarts after an outage, push wake-up",
+        description="Many runners against the fake worker (and the fake NotifyRelay) on 127.0.0.1.")
+    fleet.add_argument("--runners", type=int, default=8, help="runners in the fleet (default 8)")
+    fleet.add_argument("--jobs", type=int, default=400, help="jobs in the drained queue (default 400)")
+    fleet.add_argument("--latency-ms", type=int, default=50,
+                       help="delay added to every worker answer in the second drain series (default 50)")
+    fleet.add_argument("--outage", type=float, default=5.0, help="seconds the worker is down (default 5)")
+    fleet.add_argument("--pickup-jobs", type=int, default=10, help="single jobs per pickup series (default 10)")
+    fleet.add_argument("--pickup-interval", type=float, default=5.0,
+                       help="the idle runner's poll interval in the pickup series (default 5)")
+    fleet.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
+    fleet.set_defaults(func=command_fleet)
     return parser
 
 

@@ -17,6 +17,8 @@ DEFAULT_RUNPACK_RUNNER_URL="https://raw.githubusercontent.com/neurosift/runpack-
 MIN_PYTHON_MAJOR=3
 MIN_PYTHON_MINOR=8
 FIGPACK_PACKAGES="figpack figpack-spike-sorting lindi"
+# figpack installs on older Pythons but fails to import there.
+FIGPACK_MIN_PYTHON_MINOR=9
 
 set -u
 umask 022
@@ -39,8 +41,8 @@ Options:
                      \$HOME/.local/share/runpack); the wrapper goes in DIR/bin
   --with-figpack     also create DIR/venv and pip install
                      $FIGPACK_PACKAGES
-                     there (needed only for figpack jobs); the wrapper then
-                     uses the venv's python
+                     there (needed only for figpack jobs; Python >= 3.$FIGPACK_MIN_PYTHON_MINOR);
+                     the wrapper then uses the venv's python
   -h, --help         show this help and exit
 
 Environment:
@@ -189,6 +191,9 @@ if [ -z "$PY_EXE" ] || [ ! -x "$PY_EXE" ]; then
     PY_EXE=$(command -v "$PY")
 fi
 say "Using Python $PY_VERSION: $PY_EXE"
+if [ "$WITH_FIGPACK" = 1 ] && [ "$PY_MAJOR" -eq 3 ] && [ "$PY_MINOR" -lt "$FIGPACK_MIN_PYTHON_MINOR" ]; then
+    die "--with-figpack needs Python 3.$FIGPACK_MIN_PYTHON_MINOR or newer (figpack does not import on Python $PY_VERSION); set PYTHON=/path/to/python3.$FIGPACK_MIN_PYTHON_MINOR or newer, or install without --with-figpack (nothing was installed)"
+fi
 
 # ---------------------------------------------------------------- temp dir
 TMP_DIR=""
@@ -340,6 +345,13 @@ fi
 
 # ---------------------------------------------------------------- next steps
 QW=$(shquote "$WRAPPER")
+if [ "$RUN_PY" = "$VENV_DIR/bin/python" ]; then
+    FIGPACK_STEP="
+  # figpack jobs (figpack_nwb_raster_plot) also need your figpack API key:
+  export FIGPACK_API_KEY=..."
+else
+    FIGPACK_STEP=""
+fi
 cat <<EOF
 
 Next steps:
@@ -347,7 +359,7 @@ Next steps:
   $QW run hello_world name=Alice processing_time=3
 
   # run it as a runner (put your own key in place of ...); check says what is missing:
-  export RUNPACK_RUNNER_API_KEY=...
+  export RUNPACK_RUNNER_API_KEY=...$FIGPACK_STEP
   $QW check --state-dir $(shquote "$PREFIX/state")
   $QW runner --state-dir $(shquote "$PREFIX/state")
 

@@ -20,6 +20,7 @@ Standard library only.
 import hashlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -155,7 +156,7 @@ def main(argv=None):
         say("Python %d.%d: the figpack extra needs Python %d.%d, so its tests skip"
             % (version[0], version[1], FIGPACK_MIN_PYTHON[0], FIGPACK_MIN_PYTHON[1]))
     command = [venv_python, "-m", "pytest", "-q"] + pytest_arguments
-    say("Python %s: %s" % (".".join(map(str, version)), " ".join(command)))
+    say("Python %s: %s" % (".".join(map(str, version)), " ".join(shlex.quote(word) for word in command)))
     os.chdir(REPO)
     os.execv(venv_python, command)
 

@@ -1,6 +1,7 @@
 """Shared test fixtures: a fake worker on 127.0.0.1 and the real runner CLI as a subprocess."""
 
 import glob
+import importlib
 import os
 import shutil
 import signal
@@ -26,13 +27,18 @@ FAST_SETTINGS = ("--poll-interval", "0.2", "--poll-interval-step", "0.1", "--pol
                  "--heartbeat-interval", "0.5", "--request-timeout", "2", "--retry-max", "0.3")
 
 
+def pyenv_root():
+    """Where pyenv keeps its Pythons: $PYENV_ROOT, else ~/.pyenv."""
+    return os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv")
+
+
 def find_python(name):
     """The path of an installed interpreter such as "python3.8" that really runs, or None.
 
     pyenv puts shims for every version on PATH that fail unless the version is selected,
     so a shim is tried first and the version's own binary second."""
     candidates = [shutil.which(name)]
-    candidates += sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/%s*/bin/%s" % (name[6:], name))))
+    candidates += sorted(glob.glob(os.path.join(pyenv_root(), "versions", "%s*" % name[6:], "bin", name)))
     for candidate in filter(None, candidates):
         try:
             subprocess.run([candidate, "-c", "pass"], check=True, stdout=subprocess.DEVNULL,
@@ -41,6 +47,31 @@ def find_python(name):
         except (OSError, subprocess.SubprocessError):
             continue
     return None
+
+
+def installed_script(name):
+    """The console script ``name`` installed beside the running interpreter (its venv's bin), or None.
+
+    scripts/test.py runs the venv's python without activating the venv, so PATH may not lead there,
+    or may lead to another environment's copy."""
+    path = os.path.join(os.path.dirname(sys.executable), name)
+    return path if os.path.isfile(path) and os.access(path, os.X_OK) else None
+
+
+FIGPACK_EXTRA_MODULES = ("figpack", "figpack_spike_sorting", "lindi", "h5py")
+
+
+def require_figpack_extra():
+    """Skip the calling test, or the module at import, unless the figpack extra imports here.
+
+    Importing, not finding: figpack installs on Python 3.8 but raises TypeError when imported."""
+    for name in FIGPACK_EXTRA_MODULES:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # ImportError, or whatever a module that does not suit this Python raises
+            pytest.skip("the figpack extra cannot be imported on Python %d.%d: %s: %s: %s"
+                        % (sys.version_info[0], sys.version_info[1], name, type(exc).__name__, exc),
+                        allow_module_level=True)
 
 
 def children_of(pid):

@@ -1027,7 +1027,8 @@ def main(argv=None):
     parser.add_argument("--port", type=int, default=DEFAULT_PORT,
                         help="port to listen on (default %d; 0 picks a free one)" % DEFAULT_PORT)
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    for signum in (signal.SIGINT, signal.SIGTERM):     # also when started with SIGINT ignored (`cmd &`)
+        signal.signal(signum, signal.default_int_handler)
     worker = FakeWorker()
     worker.port = args.port
     try:

@@ -12,8 +12,15 @@ this module is cheap and works where the figpack extra is not installed.
 * ``FigpackApiStandIn``     - the figpack upload API (create / upload /
                               signed PUT / finalize) plus GET of the
                               uploaded files, all in memory.
+* ``make_image_series_nwb`` - writes NWB ImageSeries (video) groups for the
+                              video-preview job type.
+* ``make_pose_nwb``         - writes NWB PoseEstimation groups for the
+                              pose-estimation job type.
 * ``read_raster_metadata``  - reads ``data.zarr/.zmetadata`` of an uploaded
                               figure.
+* ``read_view_record``      - what a stand-in extension view (see
+                              figpack_extension_standins/) recorded in the
+                              figure it uploaded.
 * ``run_raster_subprocess`` - runs the real figpack + lindi pipeline in a
                               child interpreter (used by the self-test and
                               for measurements).
@@ -35,6 +42,10 @@ from urllib.parse import quote, unquote, urlsplit
 
 __all__ = [
     "make_units_nwb",
+    "make_image_series_nwb",
+    "make_pose_nwb",
+    "read_view_record",
+    "STANDINS",
     "RangeFileServer",
     "FigpackApiStandIn",
     "read_raster_metadata",
@@ -98,6 +109,79 @@ def make_units_nwb(path, n_units=20, spikes_per_unit=200, seed=0,
         "duration_sec": float(duration_sec),
         "path": str(path),
     }
+
+
+def make_image_series_nwb(path, series):
+    """Write ImageSeries groups: ``series`` maps a group path (e.g. "/acquisition/Video") to
+    a dict with
+
+      "data"           an array (T x H x W or T x H x W x 3), or a shape for an empty one,
+                       e.g. (0, 0, 0) as an ImageSeries with external frames has
+      "starting_time"  (t0, rate)       -> starting_time scalar with a "rate" attribute
+      "timestamps"     a 1-d array      -> timestamps
+      "external_file"  [names]          -> external_file (strings) with starting_frame
+
+    all optional but "data", written by h5py as pynwb lays them out.
+    """
+    import h5py  # lazy
+    import numpy as np  # lazy
+
+    with h5py.File(str(path), "w") as f:
+        f.attrs["namespace"] = "core"
+        f.attrs["neurodata_type"] = "NWBFile"
+        for group_path, spec in series.items():
+            group = f.create_group(group_path)
+            group.attrs["namespace"] = "core"
+            group.attrs["neurodata_type"] = "ImageSeries"
+            data = spec["data"]
+            if isinstance(data, tuple):
+                group.create_dataset("data", shape=data, dtype=np.uint8)
+            else:
+                group.create_dataset("data", data=data)
+            if spec.get("starting_time") is not None:
+                t0, rate = spec["starting_time"]
+                start = group.create_dataset("starting_time", data=float(t0))
+                start.attrs["rate"] = float(rate)
+                start.attrs["unit"] = "seconds"
+            if spec.get("timestamps") is not None:
+                group.create_dataset("timestamps", data=np.asarray(spec["timestamps"], dtype=np.float64))
+            if spec.get("external_file") is not None:
+                names = spec["external_file"]
+                external = group.create_dataset("external_file", data=np.array(names, dtype=object),
+                                                dtype=h5py.string_dtype())
+                external.attrs["starting_frame"] = np.zeros(len(names), dtype=np.int64)
+    return str(path)
+
+
+def make_pose_nwb(path, groups):
+    """Write PoseEstimation groups (ndx-pose layout): ``groups`` maps a group path (e.g.
+    "/processing/behavior/PoseEstimationLeftCamera") to {node name: node}, a node being a dict
+    with "data" (T x 2 or T x 3) and either "timestamps" or "starting_time": (t0, rate).
+    """
+    import h5py  # lazy
+    import numpy as np  # lazy
+
+    with h5py.File(str(path), "w") as f:
+        f.attrs["namespace"] = "core"
+        f.attrs["neurodata_type"] = "NWBFile"
+        for group_path, nodes in groups.items():
+            group = f.create_group(group_path)
+            group.attrs["namespace"] = "ndx-pose"
+            group.attrs["neurodata_type"] = "PoseEstimation"
+            for name, node in nodes.items():
+                series = group.create_group(name)
+                series.attrs["namespace"] = "ndx-pose"
+                series.attrs["neurodata_type"] = "PoseEstimationSeries"
+                data = np.asarray(node["data"], dtype=np.float64)
+                series.create_dataset("data", data=data)
+                series.create_dataset("confidence", data=np.ones(len(data)))
+                if node.get("timestamps") is not None:
+                    series.create_dataset("timestamps", data=np.asarray(node["timestamps"], dtype=np.float64))
+                if node.get("starting_time") is not None:
+                    t0, rate = node["starting_time"]
+                    start = series.create_dataset("starting_time", data=float(t0))
+                    start.attrs["rate"] = float(rate)
+    return str(path)
 
 
 # --------------------------------------------------------------------------
@@ -647,6 +731,23 @@ def read_raster_metadata(files):
             }
     raise ValueError("no %s group in data.zarr/.zmetadata (root view_type %r)"
                      % (RASTER_VIEW_TYPE, root_attrs.get("view_type")))
+
+
+STANDINS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figpack_extension_standins")
+
+
+def read_view_record(files):
+    """What a stand-in view of figpack_extension_standins/ recorded in the figure it uploaded,
+    with the figure's title and description: ``files`` as for read_raster_metadata. Returns
+    {"view_type", "title", "description", "record"}."""
+    raw = files["data.zarr/.zmetadata"]
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8")
+    root = json.loads(raw).get("metadata", {}).get(".zattrs", {})
+    if "standin_record" not in root:
+        raise ValueError("no stand-in record in data.zarr/.zmetadata (root view_type %r)" % root.get("view_type"))
+    return {"view_type": root.get("view_type"), "title": root.get("title"),
+            "description": root.get("description"), "record": root["standin_record"]}
 
 
 # --------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, RUNNER_PY, TEST_JOB_TYPES, clean_environment, run_cli
+from conftest import REPO, RUNNER_PY, TEST_JOB_TYPES, clean_environment, installed_script, run_cli
 
 
 @pytest.mark.slow
@@ -141,9 +141,10 @@ def test_python_dash_m_runs_the_module():
 
 @pytest.mark.slow
 def test_installed_console_script_runs_a_job():
-    runpack = shutil.which("runpack")
+    runpack = installed_script("runpack")
     if runpack is None:
-        pytest.skip("the package is not installed (pip install .); .ci/run installs it")
+        pytest.skip("the package is not installed beside %s (pip install .); scripts/test.py installs it"
+                    % sys.executable)
     result = subprocess.run([runpack, "run", "hello_world", "name=Pip", "processing_time=0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
                             env=clean_environment(), timeout=60)
@@ -192,9 +193,9 @@ def test_importing_the_module_loads_only_the_standard_library():
 
 @pytest.mark.slow
 def test_vermin_confirms_python_3_8_as_the_minimum():
-    vermin = shutil.which("vermin")
+    vermin = installed_script("vermin")
     if vermin is None:
-        pytest.skip("vermin is not installed (pip install '.[test]')")
+        pytest.skip("vermin is not installed beside %s (pip install '.[test]')" % sys.executable)
     result = subprocess.run([vermin, "--no-tips", "--violations", "-t=3.8-", RUNNER_PY],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True,
                             timeout=120)

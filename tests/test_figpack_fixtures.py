@@ -18,6 +18,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from conftest import require_figpack_extra  # noqa: E402
 from figpack_fixtures import (  # noqa: E402
     FigpackApiStandIn,
     RangeFileServer,
@@ -172,12 +173,6 @@ def test_api_stand_in_protocol_by_hand():
 
 # ---------------------------------------------------------------- real figpack
 
-def _need_figpack_extra():
-    pytest.importorskip("h5py")
-    pytest.importorskip("lindi")
-    pytest.importorskip("figpack_spike_sorting")
-
-
 @pytest.fixture
 def isolated_dirs(tmp_path):
     """Fresh TMPDIR and HOME for the child, to prove figpack leaves nothing behind."""
@@ -201,7 +196,7 @@ def test_make_units_nwb_layout(tmp_path):
 
 @pytest.mark.slow
 def test_real_figpack_upload_end_to_end(isolated_dirs):
-    _need_figpack_extra()
+    require_figpack_extra()
     d = isolated_dirs
     info = make_units_nwb(d["data"] / "units.nwb", n_units=12, spikes_per_unit=50, seed=3)
     with RangeFileServer(d["data"]) as fs, FigpackApiStandIn(expected_api_key=API_KEY) as api:
@@ -241,7 +236,7 @@ def test_real_figpack_upload_end_to_end(isolated_dirs):
 
 @pytest.mark.slow
 def test_real_figpack_error_paths(isolated_dirs):
-    _need_figpack_extra()
+    require_figpack_extra()
     d = isolated_dirs
     make_units_nwb(d["data"] / "units.nwb", n_units=2, spikes_per_unit=10)
     with RangeFileServer(d["data"]) as fs, FigpackApiStandIn(expected_api_key=API_KEY) as api:

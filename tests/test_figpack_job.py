@@ -18,11 +18,10 @@ import urllib.request
 
 import pytest
 
-pytest.importorskip("figpack_spike_sorting")
-pytest.importorskip("lindi")
-pytest.importorskip("h5py")
+from conftest import children_of, require_figpack_extra, run_cli  # noqa: E402
 
-from conftest import children_of, run_cli  # noqa: E402
+require_figpack_extra()
+
 from fake_worker import RUNNER_KEY, SUBMIT_KEY  # noqa: E402
 from figpack_fixtures import (  # noqa: E402
     FigpackApiStandIn,

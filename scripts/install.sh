@@ -197,7 +197,7 @@ fi
 
 # ---------------------------------------------------------------- temp dir
 TMP_DIR=""
-# shellcheck disable=SC2329  # invoked by the EXIT trap below
+# shellcheck disable=SC2317,SC2329  # invoked by the EXIT trap below (2317: shellcheck < 0.11)
 cleanup() {
     if [ -n "$TMP_DIR" ] && [ -d "$TMP_DIR" ]; then
         rm -rf "$TMP_DIR"

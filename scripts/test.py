@@ -5,7 +5,8 @@
 
 The first run makes ``.venv-X.Y/`` in the checkout (X.Y: the interpreter's version, so that each
 Python has its own) and installs the package there, editable, with the extras that install on that
-Python: ``.[test,figpack]``, or ``.[test]`` before 3.9 (figpack needs 3.9). Later runs reuse it and
+Python: every extra pyproject.toml declares (``.[test,figpack,...]``, so that no test skips for want
+of a package), or only ``.[test]`` before 3.9, which figpack needs. Later runs reuse it and
 install again only when pyproject.toml, the interpreter or the extras change (a stamp file in the
 venv records them), or with ``--reinstall``. Then it runs ``python -m pytest -q`` there, from the
 checkout, with every other argument passed on: ``python3 scripts/test.py -m "not slow"``.
@@ -20,6 +21,7 @@ Standard library only.
 import hashlib
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -80,8 +82,22 @@ def describe_interpreter(python):
     return version, real_path
 
 
+def declared_extras():
+    """The extras of pyproject.toml's [project.optional-dependencies] table, "test" first."""
+    names, in_table = [], False
+    with open(PYPROJECT, encoding="utf-8") as stream:
+        for line in stream:
+            if re.match(r"\[[^\]]*\]\s*$", line):
+                in_table = line.strip() == "[project.optional-dependencies]"
+                continue
+            key = re.match(r"([A-Za-z0-9][A-Za-z0-9._-]*)\s*=", line) if in_table else None
+            if key:
+                names.append(key.group(1))
+    return ["test"] + [name for name in names if name != "test"]
+
+
 def extras_for(version):
-    return "test,figpack" if version[:2] >= FIGPACK_MIN_PYTHON else "test"
+    return ",".join(declared_extras()) if version[:2] >= FIGPACK_MIN_PYTHON else "test"
 
 
 def wanted_stamp(version, real_path):
@@ -152,8 +168,8 @@ def prepare_venv(python, reinstall):
 def main(argv=None):
     python, reinstall, pytest_arguments = parse_arguments(sys.argv[1:] if argv is None else argv)
     venv_python, version, extras = prepare_venv(python, reinstall)
-    if "figpack" not in extras:
-        say("Python %d.%d: the figpack extra needs Python %d.%d, so its tests skip"
+    if extras == "test":
+        say("Python %d.%d: only the test extra (figpack needs Python %d.%d), so the figpack tests skip"
             % (version[0], version[1], FIGPACK_MIN_PYTHON[0], FIGPACK_MIN_PYTHON[1]))
     command = [venv_python, "-m", "pytest", "-q"] + pytest_arguments
     say("Python %s: %s" % (".".join(map(str, version)), " ".join(shlex.quote(word) for word in command)))

@@ -55,7 +55,6 @@ try:
 except Exception:  # figpack 0.4.1 raises TypeError on import under Python 3.8
     HAVE_FIGPACK = False
 needs_figpack = pytest.mark.skipif(not HAVE_FIGPACK, reason="needs figpack, lindi and h5py that import")
-end_to_end = [pytest.mark.slow, needs_figpack]
 
 
 def deployed_preview(data):
@@ -126,16 +125,18 @@ def test_an_all_zero_video_stays_black_without_dividing_by_zero(frames):
     assert not preview.any()
 
 
-@pytest.mark.parametrize("shape, dtype, in_place", [
-    ((400, 60, 80), np.uint8, False), ((400, 60, 80), np.uint16, False), ((150, 60, 80, 3), np.uint8, True),
-    ((150, 60, 80, 3), np.float32, False)], ids=["gray-uint8", "gray-uint16", "rgb-uint8", "rgb-float32"])
-def test_scaling_holds_no_more_than_the_frames_and_the_result(monkeypatch, shape, dtype, in_place):
-    """The frames (the caller's) and the result, at most: the 99th percentile's copy of the frames
-    comes and goes before the result exists, and slabs of 64 Ki values (512 KiB as float64) are
-    scaled at a time. uint8 RGB frames are their own result."""
+@pytest.mark.parametrize("shape, dtype, percentile_copy", [
+    ((400, 60, 80), np.uint8, False), ((400, 60, 80), np.uint16, False), ((300, 60, 80, 3), np.uint8, False),
+    ((150, 60, 80, 3), np.float32, True)], ids=["gray-uint8", "gray-uint16", "rgb-uint8", "rgb-float32"])
+def test_scaling_holds_no_more_than_the_frames_and_the_result(monkeypatch, shape, dtype, percentile_copy):
+    """Besides the frames (the caller's), the result at most, which uint8 RGB frames are themselves;
+    and for other than 8- or 16-bit unsigned frames numpy's copy of them for the 99th percentile,
+    which comes and goes before the result exists. Slabs of 64 Ki values are worked on at a time."""
     monkeypatch.setattr(runpack_runner, "PREVIEW_SLAB_VALUES", 1 << 16)
-    frames = np.random.default_rng(4).integers(0, 200, size=shape).astype(dtype)
-    result_bytes = int(np.prod(shape[:3])) * 3
+    # 0..250: with 0..199 the 99th percentile would fall between two values, where numpy's copy is needed
+    frames = np.random.default_rng(4).integers(0, 251, size=shape).astype(dtype)
+    in_place = dtype == np.uint8 and len(shape) == 4
+    result_bytes = 0 if in_place else int(np.prod(shape[:3])) * 3
     tracemalloc.start()
     try:
         preview = runpack_runner.preview_frames(frames)
@@ -143,13 +144,46 @@ def test_scaling_holds_no_more_than_the_frames_and_the_result(monkeypatch, shape
     finally:
         tracemalloc.stop()
     assert (preview is frames) == in_place
-    allowance = (1 << 16) * 8 + (1 << 20)  # one slab, and numpy's small change
-    assert peak <= max(frames.nbytes, 0 if in_place else result_bytes) + allowance, (peak, frames.nbytes)
+    slab = (1 << 16) * (8 + 1 + 8)  # float64 values, their uint8 truncations, a histogram's intp copy
+    allowance = slab + (1 << 20)  # and numpy's small change
+    assert peak <= max(frames.nbytes if percentile_copy else 0, result_bytes) + allowance, (peak, frames.nbytes)
+
+
+@pytest.mark.parametrize("frames", [
+    np.random.default_rng(5).integers(0, 256, size=(50, 30, 40)).astype(np.uint8),  # equal neighbours
+    np.random.default_rng(6).integers(0, 60000, size=(7, 9, 11)).astype(np.uint16),  # numpy interpolates
+    np.arange(101, dtype=np.uint8).reshape(101, 1, 1),  # rank (n - 1) * 0.99 a whole number
+    np.full((3, 2, 2, 3), 7, np.uint16), np.zeros((1, 1, 1), np.uint8),
+    np.random.default_rng(7).normal(size=(5, 6, 7)), np.random.default_rng(8).integers(-9, 9, (4, 5, 6)),
+], ids=["uint8", "uint16-sparse", "uint8-whole-rank", "uint16-constant", "single-zero", "float64", "int64"])
+def test_the_99th_percentile_is_numpys_exactly(frames):
+    assert runpack_runner.percentile_99(frames) == float(np.percentile(frames, 99))
 
 
 def test_other_frame_shapes_are_refused():
     with pytest.raises(ValueError, match="T x H x W or T x H x W x 3"):
         runpack_runner.preview_frames(np.zeros((3, 4, 5, 4), np.uint8))
+
+
+def test_the_nwb_writers_lay_out_image_series_and_pose_estimation_as_pynwb_does(tmp_path):
+    h5 = pytest.importorskip("h5py")
+    make_image_series_nwb(tmp_path / "v.nwb", {
+        "/acquisition/A": {"data": np.ones((2, 3, 4), np.uint16), "starting_time": (1.5, 25.0)},
+        "/acquisition/B": {"data": (0, 0, 0), "external_file": ["b.mp4"], "timestamps": [0.0, 0.1]}})
+    make_pose_nwb(tmp_path / "p.nwb", {"/processing/behavior/P": {"nose": {"data": np.zeros((5, 2)),
+                                                                           "starting_time": (0.0, 60.0)}}})
+    with h5.File(str(tmp_path / "v.nwb"), "r") as nwb:
+        a, b = nwb["/acquisition/A"], nwb["/acquisition/B"]
+        assert a.attrs["neurodata_type"] == "ImageSeries" and a["data"].shape == (2, 3, 4)
+        assert a["starting_time"][()] == 1.5 and a["starting_time"].attrs["rate"] == 25.0
+        assert b["data"].shape == (0, 0, 0) and list(b["timestamps"][:]) == [0.0, 0.1]
+        assert [name.decode() for name in b["external_file"][:]] == ["b.mp4"]
+        assert list(b["external_file"].attrs["starting_frame"]) == [0]
+    with h5.File(str(tmp_path / "p.nwb"), "r") as nwb:
+        pose = nwb["/processing/behavior/P"]
+        assert pose.attrs["neurodata_type"] == "PoseEstimation"
+        assert pose["nose"].attrs["neurodata_type"] == "PoseEstimationSeries"
+        assert pose["nose/data"].shape == (5, 2) and pose["nose/starting_time"].attrs["rate"] == 60.0
 
 
 # ---- the batch: every job below, served once by one runner -----------------------------------------

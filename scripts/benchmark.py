@@ -10,8 +10,9 @@ Commands:
             time and the runner's memory. Needs the figpack extra and h5py.
   fleet     many runners on one queue: draining it with one runner versus eight (jobs per second,
             lost claims, polls, 429s), how a fleet comes back after a worker outage (spread, not
-            lockstep), and how soon an idle runner picks a single job up, with and without the
-            NotifyRelay push wake-up (the fake relay from tests/).
+            lockstep), how soon an idle runner picks a single job up, with and without the
+            NotifyRelay push wake-up (the fake relay from tests/), and how many claims a fleet
+            woken by one notice loses (the herd).
   video     the figpack_nwb_video_preview job type's own cost, the part before show() (opening the
             NWB file over HTTP Range, reading up to 1000 frames, scaling them to uint8 RGB): wall
             time and peak memory on a synthetic 1000-frame 240x320 video, grayscale and RGB, versus
@@ -519,6 +520,45 @@ def bench_pickup(jobs, interval_s, with_relay):
             "p50_s": statistics.median(latencies), "max_s": max(latencies)}
 
 
+def bench_herd(runner_count, jobs, interval_s, latency_s):
+    """Single jobs added at random moments to ``runner_count`` idle runners that all subscribe to
+    the relay, so that each notice wakes the whole fleet: lost claims per job, and the pickup."""
+    sys.path.insert(0, TESTS)
+    import fake_relay
+
+    relay = fake_relay.FakeRelay().start()
+    worker = fake_worker_module().FakeWorker().start()
+    worker.relay_url, worker.relay_publish_key = relay.url, fake_relay.RELAY_PUBLISH_KEY
+    extra_env = {"NOTIFY_RELAY_BASE_URL": relay.url, "NOTIFY_RELAY_SUBSCRIBE_KEY": fake_relay.RELAY_SUBSCRIBE_KEY}
+    latencies = []
+    try:
+        with tempfile.TemporaryDirectory() as workdir:
+            runners = start_fleet(worker, runner_count, workdir, "--in-process", "--poll-interval", str(interval_s),
+                                  "--poll-interval-max", str(interval_s), **extra_env)
+            try:
+                wait_for(lambda: relay.held_polls >= runner_count, 30, "every runner's subscription")
+                if latency_s:
+                    worker.add_fault("slow", times=None, delay=latency_s)
+                claims_before = worker.count("claim")
+                for number in range(jobs):
+                    time.sleep(random.uniform(1.0, 2.0))
+                    added = time.monotonic()
+                    job_id = worker.add_job("hello_world", {"name": "herd-%d" % number, "processing_time": 0})
+                    wait_for(lambda: worker.job(job_id)["status"] == "completed", 3 * interval_s + 30,
+                             "job %d" % number, step=0.01)
+                    latencies.append(min(record.at for record in worker.requests
+                                         if record.route == "claim" and record.job_id == job_id) - added)
+                lost = worker.count("claim", status=409)
+                claims = worker.count("claim") - claims_before
+            finally:
+                stop_fleet(runners)
+    finally:
+        worker.stop()
+        relay.stop()
+    return {"runners": runner_count, "latency_ms": latency_s * 1000, "jobs": jobs, "claims": claims,
+            "lost_claims_per_job": lost / float(jobs), "p50_s": statistics.median(latencies), "max_s": max(latencies)}
+
+
 def command_fleet(args):
     print("Runpack runner fleet benchmark: Python %s, %d cores" % (sys.version.split()[0], os.cpu_count()))
     results = {"drain": [], "restart": None, "pickup": []}
@@ -561,6 +601,16 @@ def command_fleet(args):
     print_table(["wake-up", "jobs", "p50", "max"],
                 [["NotifyRelay" if run["relay"] else "polling only", "%d" % len(run["latencies_s"]),
                   "%.3f s" % run["p50_s"], "%.3f s" % run["max_s"]] for run in results["pickup"]])
+    sys.stdout.flush()
+
+    results["herd"] = [bench_herd(args.runners, args.pickup_jobs, args.pickup_interval, latency_ms / 1000.0)
+                       for latency_ms in (0, args.latency_ms)]
+    print("\nA herd: single jobs added at random moments to %d idle runners that all subscribe to the relay "
+          "(each notice wakes them all), from add_job to the claim:" % args.runners)
+    print_table(["latency", "runners", "jobs", "lost claims/job", "p50", "max"],
+                [["%d ms" % run["latency_ms"], "%d" % run["runners"], "%d" % run["jobs"],
+                  "%.2f" % run["lost_claims_per_job"], "%.3f s" % run["p50_s"], "%.3f s" % run["max_s"]]
+                 for run in results["herd"]])
     if args.json:
         with open(args.json, "w") as stream:
             json.dump(results, stream, indent=2)

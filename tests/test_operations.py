@@ -203,7 +203,10 @@ def test_many_jobs_leave_no_file_descriptors_or_processes_behind(worker, start_r
     jobs = [worker.add_job("hello_world", {"name": "n%d" % i, "processing_time": 0}) for i in range(30)]
     worker.wait_until(lambda: all(status_of(worker, j) == "completed" for j in jobs), timeout=60)
     worker.wait_until(lambda: worker.count("available") >= 3)  # idle again
-    assert len(os.listdir("/proc/%d/fd" % runner.process.pid)) <= descriptors_idle
+    # a leak stays; a descriptor open for a moment as we look goes (one extra was seen once under load)
+    descriptors = lambda: len(os.listdir("/proc/%d/fd" % runner.process.pid))  # noqa: E731
+    worker.wait_until(lambda: descriptors() <= descriptors_idle, timeout=5,
+                      message="the runner keeps more than its %d idle descriptors open" % descriptors_idle)
     assert children_of(runner.process.pid) == []
 
 

@@ -1371,6 +1371,9 @@ class InvalidParameters(ValueError):
     ValueError from inside figpack, lindi or the data fails the job like any other error."""
 
 
+FIGPACK_MIN_PYTHON = (3, 9)  # figpack installs on 3.8, then fails on import
+
+
 class FigpackNwbJob(JobHandler):
     """What the figpack job types on an NWB file share: the parameters (``nwb_url``, a path in
     the file named by ``path_parameter``, optional ``dandiset_id`` and ``neurosift_url``), the
@@ -1388,6 +1391,13 @@ class FigpackNwbJob(JobHandler):
     view_name = ""  # "Successfully created <view_name> view"
     upload_label = ""  # "Uploading <upload_label> to figurl..."
     absent_optional = ""  # dandiset_id and neurosift_url when not given
+
+    def _with_install_hint(self, reason):
+        reason = super()._with_install_hint(reason)
+        if sys.version_info < FIGPACK_MIN_PYTHON:  # the extras install nothing there
+            reason += "; figpack needs Python %d.%d or newer, this runner has %s" % (
+                FIGPACK_MIN_PYTHON + (sys.version.split()[0],))
+        return reason
 
     def title(self, path):
         raise NotImplementedError

@@ -119,7 +119,6 @@ class FakeRelay(_HTTPService):
         self._drops_left = 0
         self._held = 0
         self._faults = []
-        self._internal_errors = []
 
     def go_down(self):
         """Stop listening (new connections are refused) and reset held polls; state is kept."""
@@ -176,29 +175,6 @@ class FakeRelay(_HTTPService):
             return self._held
 
     # requests, waiting and faults
-
-    def count(self, route=None, status=None, subscriber_id=None):
-        """How many recorded requests match the route, answered status and subscriber (None: any)."""
-        with self._lock:
-            return sum(1 for record in self._records
-                       if (route is None or record.route == route)
-                       and (status is None or record.status == status)
-                       and (subscriber_id is None or record.subscriber_id == subscriber_id))
-
-    @property
-    def internal_errors(self):
-        """Tracebacks of bugs in the fake itself (each answered 500); tests can assert it stays empty."""
-        with self._lock:
-            return list(self._internal_errors)
-
-    def wait_until(self, predicate, timeout=10.0, message=""):
-        """Poll `predicate()` every 20 ms; on timeout raise AssertionError with a summary of the state."""
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() >= deadline:
-                raise AssertionError("%s (waited %.1f s)\n%s" % (message or "condition not met",
-                                                                  timeout, self.describe()))
-            time.sleep(0.02)
 
     def describe(self, last_requests=25):
         """Human-readable state: subscribers, publishes, faults and the last requests."""

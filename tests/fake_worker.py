@@ -355,6 +355,7 @@ class _HTTPService(object):
     def __init__(self):
         self._lock = threading.RLock()
         self._records = []
+        self._internal_errors = []
         self._server = None
         self.port = None
 
@@ -400,12 +401,43 @@ class _HTTPService(object):
             server.shutdown()
             server.server_close()
 
-    # recording
+    # recording and waiting
 
     @property
     def requests(self):
         with self._lock:
             return [copy.copy(record) for record in self._records]
+
+    def count(self, route=None, status=None, **fields):
+        """How many recorded requests match the route and answered status (None: any) and the
+        record ``fields`` given (job_id=..., subscriber_id=...)."""
+        with self._lock:
+            return sum(1 for record in self._records
+                       if (route is None or record.route == route)
+                       and (status is None or record.status == status)
+                       and all(getattr(record, name) == value for name, value in fields.items()))
+
+    @property
+    def internal_errors(self):
+        """Tracebacks of bugs in the fake itself (each answered 500); tests can assert it stays empty."""
+        with self._lock:
+            return list(self._internal_errors)
+
+    def wait_until(self, predicate, timeout=10.0, message=""):
+        """Poll `predicate()` every 20 ms; on timeout raise AssertionError with a summary of the state."""
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() >= deadline:
+                raise AssertionError("%s (waited %.1f s)\n%s" % (message or "condition not met",
+                                                                  timeout, self.describe()))
+            time.sleep(0.02)
+
+    def describe(self, last_requests=25):
+        """Human-readable state, for a failed wait: the last requests (services say more)."""
+        with self._lock:
+            return "\n".join(["last requests (of %d):" % len(self._records)] + [
+                "  %s %s -> %s" % (record.method, record.path, record.status)
+                for record in self._records[-last_requests:]])
 
     def _handle(self, handler):
         raw = handler.read_body()
@@ -484,7 +516,6 @@ class FakeWorker(_HTTPService):
         self._runners = {}      # runner_id -> row
         self._faults = []
         self._windows = _FixedWindows()
-        self._internal_errors = []
         self._publish_errors = []
 
     def go_down(self):
@@ -563,36 +594,11 @@ class FakeWorker(_HTTPService):
 
     # requests and waiting
 
-    def count(self, route=None, job_id=None, status=None):
-        """How many recorded requests match the route (None: any), job id and answered status."""
-        with self._lock:
-            return sum(1 for record in self._records
-                       if (route is None or record.route == route)
-                       and (job_id is None or record.job_id == job_id)
-                       and (status is None or record.status == status))
-
-    @property
-    def internal_errors(self):
-        """Tracebacks of bugs in the fake itself (each answered 500); tests can assert it stays empty."""
-        with self._lock:
-            return list(self._internal_errors)
-
     @property
     def publish_errors(self):
         """One line per failed publish to the relay ("<job_id>: <error>"), oldest first."""
         with self._lock:
             return list(self._publish_errors)
-
-    def wait_until(self, predicate, timeout=10.0, message=""):
-        """Poll `predicate()` every 20 ms; on timeout raise AssertionError with a summary of the state."""
-        deadline = time.monotonic() + timeout
-        while True:
-            if predicate():
-                return
-            if time.monotonic() >= deadline:
-                raise AssertionError("%s (waited %.1f s)\n%s" % (message or "condition not met",
-                                                                  timeout, self.describe()))
-            time.sleep(0.02)
 
     def describe(self, last_requests=25):
         """Human-readable state: jobs, runners and the last requests."""

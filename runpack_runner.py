@@ -2384,7 +2384,6 @@ class BatchLimits:
 
 
 START_JITTER_MAX_S = 1.0  # a fleet started at once (a Slurm array) does not knock in step
-NOTICE_SPREAD_MAX_S = 0.05  # a notice wakes a whole fleet: each waits a little, at random
 
 
 class ClaimSpreading:
@@ -2428,6 +2427,28 @@ class ClaimSpreading:
     @staticmethod
     def take_any(untried):
         return untried.pop(random.randrange(len(untried)))
+
+
+class NoticeSpread:
+    """How long a runner woken by a new-job notice waits, at random, before it polls: one
+    notice wakes a whole fleet at once. As with the lanes, a claim lost after a notice
+    doubles the longest wait (up to 1 s) and a claim won after one halves it (down to 50 ms),
+    so that a fleet's runners soon wake one after another and the first one takes the job
+    unopposed; a lone runner keeps the short wait."""
+
+    SHORTEST_S, LONGEST_S = 0.05, 1.0
+
+    def __init__(self):
+        self.longest = self.SHORTEST_S
+
+    def delay(self):
+        return random.uniform(0, self.longest)
+
+    def lost_claim(self):
+        self.longest = min(self.LONGEST_S, 2 * self.longest)
+
+    def won_claim(self):
+        self.longest = max(self.SHORTEST_S, self.longest / 2)
 
 
 class PollPacer:
@@ -2510,6 +2531,8 @@ class Runner:
         self.relay = relay  # a RelayClient, or None
         self.job_types = []
         self._look_again = False  # a new-job notice came since the last poll
+        self._after_notice = False  # this round's poll answers a notice
+        self.notice_spread = NoticeSpread()
         self._slots = {}  # job id -> its JobSlot
         self._lock = threading.Lock()  # slot threads end themselves: _slots is read and changed under it
         self._fatal = None
@@ -2621,7 +2644,8 @@ class Runner:
                 self._sleep_until_limit(interval, until=lambda: self._look_again)
                 interval = min(interval + self.settings.poll_interval_step, self.settings.poll_interval_max)
             if self._look_again:  # a fleet woken by one notice does not poll all at once
-                self._sleep_until_limit(random.uniform(0, NOTICE_SPREAD_MAX_S))
+                self._sleep_until_limit(self.notice_spread.delay())
+                self._after_notice = True
 
     def notice_new_job(self, job_type):
         """A notification of a new job (from any thread): look again at once, not at the
@@ -2649,6 +2673,8 @@ class Runner:
         except OSError as error:
             raise JobRecordsUnwritable("cannot write job records in %s (%s); claiming nothing until "
                                        "it works" % (self.state.jobs_path, error.strerror or error))
+        finally:
+            self._after_notice = False
 
     def _work_through(self, jobs):
         """Claim down the polled list, in the order ClaimSpreading gives, while slots are
@@ -2678,12 +2704,16 @@ class Runner:
             if job is None:
                 self.state.forget_job(record["job_id"])
                 self.spreading.lost_claim()
+                if self._after_notice:
+                    self.notice_spread.lost_claim()
                 if self.pacer.wait_before_poll() == 0:
                     return True
                 continue
             if isinstance(job.get("input_params"), dict):
                 record["input_params"] = job["input_params"]
             self._start_slot(record)
+            if self._after_notice:
+                self.notice_spread.won_claim()
             started = True
         return started
 

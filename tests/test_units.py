@@ -1212,3 +1212,15 @@ def test_a_2xx_answer_to_a_poll_that_is_not_the_workers_json_is_still_transient(
     worker.add_fault("garbage", route="available")
     with pytest.raises(runpack_runner.TransientWorkerError):
         client_for(worker, worker.register_runner()).available(["hello_world"])
+
+
+def test_a_notice_wait_grows_with_claims_lost_after_notices_and_shrinks_with_claims_won():
+    spread = runpack_runner.NoticeSpread()
+    assert spread.longest == runpack_runner.NoticeSpread.SHORTEST_S, "a lone runner waits 50 ms at most"
+    for _ in range(10):
+        spread.lost_claim()
+    assert spread.longest == runpack_runner.NoticeSpread.LONGEST_S
+    assert all(0 <= spread.delay() <= runpack_runner.NoticeSpread.LONGEST_S for _ in range(100))
+    for _ in range(10):
+        spread.won_claim()
+    assert spread.longest == runpack_runner.NoticeSpread.SHORTEST_S

@@ -2526,13 +2526,13 @@ class Runner:
         self.retrying = Retrying(settings.retry_max, self._sleep_until_limit,
                                  lambda delay: self._decide_stop(idle=True))
         self.spreading = ClaimSpreading()
+        self.notice_spread = NoticeSpread()
         self.pacer = PollPacer()
         self.idle_log = IdleLog()
         self.relay = relay  # a RelayClient, or None
         self.job_types = []
         self._look_again = False  # a new-job notice came since the last poll
         self._after_notice = False  # this round's poll answers a notice
-        self.notice_spread = NoticeSpread()
         self._slots = {}  # job id -> its JobSlot
         self._lock = threading.Lock()  # slot threads end themselves: _slots is read and changed under it
         self._fatal = None
@@ -2559,7 +2559,7 @@ class Runner:
                     LOG.error("Stopping without ever reaching the worker at %s", self.client.base_url)
                     return EXIT_FAILURE
             self._wait_for_slots()
-            if self._stop_code == EXIT_JOBS_DONE:
+            if self._stop_code == EXIT_JOBS_DONE and not self.shutdown.immediate:
                 LOG.info("Stopping: %s", self._stop_reason)
         except WorkerKeyRejected as error:
             LOG.error("%s; stopping. Check RUNPACK_RUNNER_API_KEY and start the runner again", error)

@@ -2895,14 +2895,21 @@ def parse_run_params(assignments, params_json, params_file):
     if params_json is not None:
         params.update(_json_object(params_json, "--params"))
     for assignment in assignments:
-        key, equals, text = assignment.partition("=")
-        if not equals or not key:
-            raise ConfigurationError("expected key=value, got %r" % assignment)
-        try:
-            params[key] = json.loads(text)
-        except ValueError:
-            params[key] = text
+        key, value, _ = _parse_assignment(assignment)
+        params[key] = value
     return params
+
+
+def _parse_assignment(assignment):
+    """(key, value, text) of a key=value argument: the value is the text read as JSON when
+    it parses, else the text itself."""
+    key, equals, text = assignment.partition("=")
+    if not equals or not key:
+        raise ConfigurationError("expected key=value, got %r" % assignment)
+    try:
+        return key, json.loads(text), text
+    except ValueError:
+        return key, text, text
 
 
 def run_locally(job_type, input_params, settings, out=None, err=None, hint=lambda message: None):
@@ -2941,15 +2948,8 @@ def run_locally(job_type, input_params, settings, out=None, err=None, hint=lambd
 
 def json_read_values(assignments):
     """The key=value arguments whose value was read as JSON other than a string: {key: text}."""
-    read = {}
-    for assignment in assignments:
-        key, _, text = assignment.partition("=")
-        try:
-            if not isinstance(json.loads(text), str):
-                read[key] = text
-        except ValueError:
-            pass
-    return read
+    parsed = (_parse_assignment(assignment) for assignment in assignments)
+    return {key: text for key, value, text in parsed if not isinstance(value, str)}
 
 
 def string_hint(json_read):

@@ -120,15 +120,6 @@ class FakeRelay(_HTTPService):
         self._held = 0
         self._faults = []
 
-    def go_down(self):
-        """Stop listening (new connections are refused) and reset held polls; state is kept."""
-        self._close()
-
-    def come_up(self):
-        """Listen again on the same port, with the same state."""
-        if self._server is None:
-            self._listen(self.port)
-
     def _close(self):
         _HTTPService._close(self)
         with self._changed:

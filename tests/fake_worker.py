@@ -383,6 +383,15 @@ class _HTTPService(object):
     def is_up(self):
         return self._server is not None
 
+    def go_down(self):
+        """Close the listening socket (new connections are refused) and drop held requests; state is kept."""
+        self._close()
+
+    def come_up(self):
+        """Listen again on the same port, with the same state."""
+        if self._server is None:
+            self._listen(self.port)
+
     def _listen(self, port):
         server = _Server(("127.0.0.1", port), _Handler)
         server.service = self
@@ -517,15 +526,6 @@ class FakeWorker(_HTTPService):
         self._faults = []
         self._windows = _FixedWindows()
         self._publish_errors = []
-
-    def go_down(self):
-        """Close the listening socket (new connections are refused) and drop hung requests; state is kept."""
-        self._close()
-
-    def come_up(self):
-        """Listen again on the same port, with the same state."""
-        if self._server is None:
-            self._listen(self.port)
 
     # jobs
 

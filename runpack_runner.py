@@ -20,6 +20,7 @@ import argparse
 import codecs
 import collections
 import contextlib
+import gc
 import importlib
 import importlib.util
 import ipaddress
@@ -39,6 +40,7 @@ import time
 import traceback
 import types
 import urllib.parse
+import warnings
 import zlib
 
 try:
@@ -145,6 +147,8 @@ SETTINGS = (
             "a whole number from 1", "jobs run at once, each in its own process"),
     Setting("in_process", "--in-process", "RUNPACK_IN_PROCESS", False, _parse_boolean, "true or false",
             "run jobs in a thread of the runner, not a process each (for debugging)"),
+    Setting("no_warm_imports", "--no-warm-imports", "RUNPACK_NO_WARM_IMPORTS", False, _parse_boolean,
+            "true or false", "keep no job type's packages imported between jobs (figpack's: ~100 MB)"),
     Setting("once", "--once", "RUNPACK_ONCE", False, _parse_boolean, "true or false",
             "run one job, then exit"),
     Setting("max_jobs", "--max-jobs", "RUNPACK_MAX_JOBS", 0, _parse_count, "a whole number",
@@ -435,9 +439,16 @@ class Waker:
         self._reader.close()
         self._writer.close()
 
+    def fileno(self):
+        """For select(), with other things to wait for; drain() after it says so."""
+        return self._reader.fileno()
+
     def wait(self, timeout=None):
         """Sleep until woken, or at most ``timeout`` seconds."""
         select.select([self._reader], [], [], None if timeout is None else max(0.0, timeout))
+        self.drain()
+
+    def drain(self):
         try:
             while self._reader.recv(4096):
                 pass
@@ -1114,6 +1125,10 @@ class JobHandler:
 
     requires_modules = ()
     requires_env = ()
+    # Modules that every job of the type imports and that are slow to import (figpack: 0.5 s):
+    # after the type's first job, the launcher imports them once, and later jobs start warm.
+    # Each must be safe to fork after importing (no thread pool that a fork would break).
+    warm_modules = ()
     install_hint = ""  # e.g. "install them with: pip install 'runpack-runner[extra]'"
 
     def execute(self, input_params, heartbeat_callback):
@@ -1465,6 +1480,7 @@ class FigpackRasterPlotJob(FigpackNwbJob):
     """A figpack raster plot of an NWB units table (figpack_spike_sorting's RasterPlot)."""
 
     requires_modules = ("figpack", "figpack_spike_sorting", "lindi")
+    warm_modules = ("figpack_spike_sorting.views", "lindi")
     install_hint = "install them with: pip install 'runpack-runner[figpack]'"
     path_parameter, path_label = "units_path", "Units path"
     view_name, upload_label = "RasterPlot", "raster plot"
@@ -1490,6 +1506,7 @@ class FigpackVideoPreviewJob(FigpackNwbJob):
     LossyVideo, which encodes an MP4 in show(): most of the job's time)."""
 
     requires_modules = ("figpack_experimental", "lindi", "numpy", "h5py")
+    warm_modules = ("figpack_experimental.views", "lindi")
     install_hint = EXTENSION_INSTALL_HINT % "figpack_experimental"
     path_parameter, path_label = "image_series_path", "Image series path"
     view_name, upload_label = "LossyVideo", "video preview"
@@ -1636,6 +1653,7 @@ class FigpackPoseEstimationJob(FigpackNwbJob):
     the file itself through lindi, caching under the job's own TMPDIR)."""
 
     requires_modules = ("figpack_nwb", "lindi")
+    warm_modules = ("figpack_nwb.views", "lindi")
     install_hint = EXTENSION_INSTALL_HINT % "figpack_nwb"
     path_parameter, path_label = "path", "Pose estimation path"
     view_name, upload_label = "PoseEstimation", "pose estimation"
@@ -1879,7 +1897,7 @@ def run_handler(handler, input_params, progress):
     return complete_report(result, progress.console)
 
 
-# ---- Job isolation: the job process, from the runner's side and from its own ----
+# ---- Job isolation: where a job's handler runs, a thread or a job process ---------
 
 STOPPED_BY_SIGNAL = "stopped by a second shutdown signal"
 JOB_UPDATE_GAP_S = 0.1  # how often a job process passes its progress to the runner
@@ -1889,7 +1907,6 @@ JOB_STOP_GRACE_S = 5.0  # a job process gets JOB_STOP_SIGNAL, then SIGKILL this 
 # process the job started, unless it handles it).
 JOB_STOP_SIGNAL = getattr(signal, "SIGUSR1", None)
 JOB_TEMP_PREFIX = "runpack-job-"  # then the runner's pid: see remove_orphaned_job_dirs
-JOB_PROCESS_COMMAND = "_job"  # hidden command: the job process's side of ProcessJobExecution
 
 
 class JobExecution:
@@ -1919,7 +1936,7 @@ class JobExecution:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return self._give_up("Job execution failed: timed out after %g s" % timeout)
-                self.waker.wait(remaining)
+                self.wait(remaining)
             return self.outcome()
         finally:
             self.cleanup()
@@ -1935,6 +1952,9 @@ class JobExecution:
 
     def start(self):
         raise NotImplementedError
+
+    def wait(self, timeout):
+        self.waker.wait(timeout)
 
     def stop(self):
         """End the handler early (the thread flavour can only ask it to, through JobCancelled)."""
@@ -1961,128 +1981,116 @@ class ThreadJobExecution(JobExecution):
 
 
 class ProcessJobExecution(JobExecution):
-    """The handler runs in a process of its own, in its own process group, with its own
-    temporary directory: a crash, an OOM kill, a hang or a leak costs only this job, and
-    stopping the job kills the whole group. The process passes progress and its report
-    as JSON lines on a pipe; whatever it prints lands in the job's console."""
+    """The handler runs in a job process of its own (see JobLauncher), in its own process
+    group, with its own temporary directory: a crash, an OOM kill, a hang or a leak costs
+    only this job, and stopping the job kills the whole group. The process passes progress
+    and its report as JSON lines on a pipe, and the launcher how it ended; whatever it prints
+    lands in the job's console. The thread that runs the job reads both pipes as it waits."""
 
-    def __init__(self, job_type, input_params, progress, waker, handler_specs):
+    CHECK_S = 0.5  # how often a silent job process is looked at (its launcher may have died)
+
+    def __init__(self, job_type, input_params, progress, waker, launcher):
         super().__init__(job_type, input_params, progress, waker)
-        self.handler_specs = handler_specs
-        self.process = self.temporary_dir = None
+        self.launcher = launcher
+        self.process = None  # a JobProcess
+        self.returncode = None  # as subprocess gives it: -N for a signal; None while unknown
+        self.ended_at = None  # when the process was known to have ended
+        self._pipes, self._pending = [], b""
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
 
     def start(self):
-        import subprocess
-
-        self.temporary_dir = tempfile.mkdtemp(prefix="%s%d-" % (JOB_TEMP_PREFIX, os.getpid()))
-        spec_path = os.path.join(self.temporary_dir, "job.json")
-        with open(spec_path, "w", encoding="utf-8") as stream:
-            json.dump({"job_type": self.job_type, "input_params": self.input_params,
-                       "heartbeat_interval": self.progress.heartbeat_interval,
-                       "handlers": self.handler_specs}, stream)
-        channel_reader, channel_writer = os.pipe()
-        environment = dict(os.environ, TMPDIR=self.temporary_dir, PYTHONUNBUFFERED="1")
-        command = ([sys.executable] + _interpreter_flags()
-                   + [_entry_script(), JOB_PROCESS_COMMAND, spec_path, str(channel_writer)])
+        spec = {"job_type": self.job_type, "input_params": self.input_params,
+                "heartbeat_interval": self.progress.heartbeat_interval}
         try:
-            self.process = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                pass_fds=(channel_writer,), start_new_session=True, env=environment)
-        except OSError:
-            os.close(channel_reader)
-            raise
-        finally:
-            os.close(channel_writer)
-        self.relay = threading.Thread(target=self._relay, args=(channel_reader,), name="job-io", daemon=True)
-        self.relay.start()
-
-    def _relay(self, channel_reader):
-        """Pass the process's messages and output on until it exits and its pipes close;
-        this thread alone reads and closes the pipes."""
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        output_reader = self.process.stdout.fileno()
-        open_pipes, pending, exited_at = [channel_reader, output_reader], b"", None
-        try:
-            while open_pipes:
-                ready, _, _ = select.select(open_pipes, [], [], 0.5)
-                for pipe in ready:
-                    chunk = os.read(pipe, 65536)
-                    if not chunk:
-                        open_pipes.remove(pipe)
-                    elif pipe == output_reader:
-                        self.progress.add_process_output(decoder.decode(chunk))
-                    else:
-                        pending += chunk
-                        *lines, pending = pending.split(b"\n")
-                        for line in lines:
-                            self._receive(json.loads(line.decode("utf-8")))
-                if self.process.poll() is not None:
-                    exited_at = exited_at or time.monotonic()
-                    if time.monotonic() - exited_at > 1.0:
-                        break  # a process the job started still holds a pipe: stop listening
-            self.process.wait()
-        finally:
-            os.close(channel_reader)
-            self.process.stdout.close()
+            self.process = self.launcher.start_job(self.job_type, spec)
+        except LauncherUnavailable as error:
+            self.report = error_report("Job execution failed: %s" % error, self.progress.console)
             self._finished()
+            return
+        self._pipes = [self.process.channel, self.process.output]
+
+    def wait(self, timeout):
+        """Wait for a wake-up or what the process sends, ``timeout`` seconds at most, and pass
+        that on. The job is done once its report is in, or once the process has ended and
+        its pipes are closed (or a second later: a process the job started may hold them)."""
+        timeout = self.CHECK_S if timeout is None else min(timeout, self.CHECK_S)
+        ready, _, _ = select.select([self.waker] + self._pipes, [], [], timeout)
+        for source in ready:
+            if source is self.waker:
+                self.waker.drain()
+            else:
+                self._read(source)
+        if self.report is not None:
+            self._read_output_left()
+            self.done = True  # the process is done: its exit status adds nothing, cleanup ends it
+            return
+        if self.ended_at is None and (self.returncode is not None or self.process.lost_for_good()):
+            self.ended_at = time.monotonic()
+        self.done = not self._pipes or self.ended_at is not None and time.monotonic() - self.ended_at > 1.0
+
+    def _read(self, pipe):
+        chunk = os.read(pipe, 65536)
+        if not chunk:
+            self._pipes.remove(pipe)
+        elif pipe == self.process.output:
+            self.progress.add_process_output(self._decoder.decode(chunk))
+        else:
+            *lines, self._pending = (self._pending + chunk).split(b"\n")
+            for line in lines:
+                self._receive(json.loads(line.decode("utf-8")))
+
+    def _read_output_left(self):
+        """What the process printed before it sent its report is in the pipe by now."""
+        output = self.process.output
+        while output in self._pipes and select.select([output], [], [], 0)[0]:
+            self._read(output)
 
     def _receive(self, message):
-        if "report" in message:
+        if "exit_status" in message:  # from the launcher, once the process has ended
+            self.returncode = message["exit_status"]
+        elif "report" in message:
             self.report = message["report"]
         else:
             self.progress.update(message["progress_current"], message["progress_total"],
                                  message["console_output"])
 
     def stop(self):
-        if self.process is None or self.process.poll() is not None:
+        if self.process is None or self.done:
             return
-        import subprocess
-
         _signal_group(self.process.pid, JOB_STOP_SIGNAL)
-        try:
-            self.process.wait(JOB_STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
+        if not self._wait_for_end(JOB_STOP_GRACE_S):
             _signal_group(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+            self._wait_for_end(JOB_STOP_GRACE_S)
+
+    def _wait_for_end(self, seconds):
+        deadline = time.monotonic() + seconds
+        while not self.done and self.ended_at is None:
+            if time.monotonic() >= deadline:
+                return False
+            self.wait(deadline - time.monotonic())
+        return True
 
     def outcome(self):
         if self.report is not None:
             body = self.report["body"]
             body["console_output"] = merge_console(body["console_output"], self.progress.process_output)
             return self.report
-        return error_report("Job execution failed: the job process %s"
-                            % describe_exit(self.process.returncode), self.progress.console)
+        ending = ("ended before reporting a result; how is unknown, its launcher had stopped"
+                  if self.returncode is None else describe_exit(self.returncode))
+        return error_report("Job execution failed: the job process %s" % ending, self.progress.console)
 
     def cleanup(self):
         if self.process is not None:
             _signal_group(self.process.pid, signal.SIGKILL)  # whatever the job left running
-            self.relay.join(JOB_STOP_GRACE_S)
-        if self.temporary_dir:
-            shutil.rmtree(self.temporary_dir, ignore_errors=True)
+            self.process.release()
+            self.launcher.job_ended()
 
 
-def make_execution(settings, job_type, input_params, progress, waker):
-    if settings.in_process or os.name != "posix":
+def make_execution(launcher, job_type, input_params, progress, waker):
+    """A ProcessJobExecution through ``launcher``, or a ThreadJobExecution when it is None."""
+    if launcher is None:
         return ThreadJobExecution(job_type, input_params, progress, waker)
-    return ProcessJobExecution(job_type, input_params, progress, waker, settings.handlers)
-
-
-def _interpreter_flags():
-    """The flags of this interpreter that change what a job process imports or how it runs."""
-    flags = sys.flags
-    named = (("-I", flags.isolated), ("-E", flags.ignore_environment), ("-s", flags.no_user_site),
-             ("-B", flags.dont_write_bytecode), ("-P", getattr(flags, "safe_path", False)))
-    options = [flag for flag, is_set in named if is_set] + ["-O"] * flags.optimize
-    options += ["-X", "dev"] * bool(flags.dev_mode) + ["-X", "utf8"] * bool(flags.utf8_mode)
-    return options + ["-W" + option for option in sys.warnoptions]
-
-
-def _entry_script():
-    """The script that started this process, so that a job process registers the same job
-    types: runpack_runner.py itself, the `runpack` console script, or a vendoring script
-    that registers its own types and then calls main()."""
-    script = sys.argv[0] if sys.argv else ""
-    return os.path.abspath(script) if os.path.isfile(script) else os.path.abspath(__file__)
+    return ProcessJobExecution(job_type, input_params, progress, waker, launcher)
 
 
 def _signal_group(pid, signum):
@@ -2093,7 +2101,7 @@ def _signal_group(pid, signum):
 
 
 def describe_exit(returncode):
-    if returncode is not None and returncode < 0:
+    if returncode < 0:
         name = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else str(-returncode)
         hint = " (out of memory? the kernel's OOM killer sends SIGKILL)" if name == "SIGKILL" else ""
         return "was killed by signal %s%s" % (name, hint)
@@ -2123,7 +2131,438 @@ def _process_alive(pid):
     return True
 
 
-# The job process's own side: `runpack_runner.py _job <spec> <descriptor>`.
+# ---- Job processes: the launcher that forks them warm -----------------------------
+#
+# A job process is forked by the launcher: a single-threaded process that the runner starts
+# fresh (fork and exec) at its first job, and that imports this module and the handler
+# modules once. A job process so starts in a millisecond or two instead of an interpreter's
+# 100 ms, with module state as fresh as a new interpreter's (the launcher itself runs no
+# job), and the launcher keeps one forked ahead, waiting for its job: the spare. Once a job
+# type whose handler lists ``warm_modules`` has had a job, the launcher imports them (warm
+# imports, unless --no-warm-imports), so that its later jobs start with them imported.
+#
+# Three pipes join the runner and a job process: ``go`` (the job, then nothing: when it
+# closes, the runner is gone, kill -9 included, and the job's process group ends itself),
+# ``channel`` (progress, the report, and last the launcher's word on how the process
+# ended) and ``output`` (its stdout and stderr).
+
+LAUNCHER_COMMAND = "_launcher"  # hidden command: the launcher process, see JobLauncher
+LAUNCHER_ANSWER_TIMEOUT_S = 60.0  # imports from a cold network file system can be that slow
+LAUNCHER_PROCESS_NAME = "runpack-launch"  # what ps and top show (Linux): at most 15 bytes
+JOB_PROCESS_NAME = "runpack-job"
+
+
+class LauncherUnavailable(Exception):
+    """No job process could be had: the launcher does not start, or cannot fork."""
+
+
+class LauncherGone(Exception):
+    """The launcher ended, or stopped answering, while the runner waited for it."""
+
+
+class JobProcess:
+    """A job process from the runner's side: its pid, and the runner's ends of its pipes,
+    made before the launcher forks it."""
+
+    def __init__(self):
+        self.channel, channel_end = os.pipe()
+        self.output, output_end = os.pipe()
+        go_end, self.go = os.pipe()
+        self.child_ends = [channel_end, output_end, go_end]  # for the launcher, then closed here
+        self.pid = self.temporary_dir = None
+        self.launcher = None  # the launcher's Popen, which alone can say how the process ended
+
+    def close_child_ends(self):
+        while self.child_ends:
+            os.close(self.child_ends.pop())
+
+    def hand_over(self, spec):
+        """Give the waiting process its job; False when it is no longer there to take it."""
+        data = (json.dumps(spec) + "\n").encode("utf-8")
+        try:
+            while data:
+                data = data[os.write(self.go, data):]
+        except BrokenPipeError:
+            return False
+        return True
+
+    def lost_for_good(self):
+        """True once the launcher has died and this process has ended: no exit status comes."""
+        return self.launcher.poll() is not None and not _process_alive(self.pid)
+
+    def release(self):
+        """Let go of the process: closing go ends it, if it still runs. Its launcher removes
+        its temporary directory once it has ended, or the runner does if that launcher is gone."""
+        self.close_child_ends()
+        for descriptor in (self.channel, self.output, self.go):
+            os.close(descriptor)
+        if self.launcher is not None and self.launcher.poll() is not None:
+            shutil.rmtree(self.temporary_dir, ignore_errors=True)
+
+
+class JobLauncher:
+    """The runner's side of the launcher: starts it at the first job and again when it died,
+    asks it to fork job processes, one ahead of need, and hands each its job. Thread-safe:
+    job slots share one launcher."""
+
+    def __init__(self, handler_specs, warm=True, spare=True):
+        self.handler_specs, self.warm, self.keep_spare = handler_specs, warm, spare
+        self.process = self.control = self._answers = None
+        self._spare = None  # a JobProcess asked for, whose answer (its pid) is read when it is taken
+        self._job_types = set()  # the job types that have had a job: a type is warmed up once
+        self._warm_up = []  # job types the launcher is to import the warm_modules of, with the next fork
+        self.warm_types = set()  # job types the running launcher has imported the warm_modules of
+        self._lock = threading.Lock()
+
+    def start_job(self, job_type, spec):
+        """A job process running ``spec``: the spare if there is one, else one forked now."""
+        with self._lock:
+            for _ in range(3):
+                process = self._take_spare() or self._fork()
+                if process.hand_over(spec):
+                    break
+                process.release()  # it died waiting (killed by someone): another one
+            else:
+                raise LauncherUnavailable("job processes die before they get their job")
+            if job_type not in self._job_types:
+                self._job_types.add(job_type)
+                if self.warm and getattr(JOB_HANDLERS.get(job_type), "warm_modules", ()):
+                    self._warm_up.append(job_type)
+                    self._prepare_spare()  # the imports take a while: start them beside this job
+            return process
+
+    def job_ended(self):
+        """Fork the next job's process now, while the runner reports and claims: forked as
+        a job starts, it would take the CPU from that job."""
+        with self._lock:
+            self._prepare_spare()
+
+    def _prepare_spare(self):
+        if self.keep_spare and self._spare is None and self.process is not None:
+            self._spare = self._ask_for_process()
+
+    def rest(self):
+        """Stop the launcher when it keeps nothing warm: an idle runner then costs what it did
+        before its first job. It starts again with the next job."""
+        with self._lock:
+            if not self.warm_types and not self._warm_up:
+                self._stop()
+
+    def close(self):
+        with self._lock:
+            self._stop()
+
+    def _take_spare(self):
+        spare, self._spare = self._spare, None
+        if spare is None:
+            return None
+        try:
+            self._read_pid(spare)
+            return spare
+        except LauncherGone:
+            self._stop()
+        except LauncherUnavailable:  # it could not fork then: maybe it can now
+            pass
+        spare.release()
+        return None
+
+    def _fork(self):
+        """A job process forked now; the launcher is started, or started again once."""
+        for attempt in (1, 2):
+            process = self._ask_for_process()
+            try:
+                self._read_pid(process)
+                return process
+            except LauncherGone as gone:
+                process.release()
+                self._stop()
+                if attempt == 2:
+                    raise LauncherUnavailable("the job launcher stopped twice in a row (%s)" % gone)
+            except LauncherUnavailable:
+                process.release()
+                raise
+
+    def _ask_for_process(self):
+        """Ask the launcher (started if needed) to fork a job process; it answers with its pid."""
+        if self.process is None:
+            self._start()
+        process = JobProcess()
+        warm_up, self._warm_up = self._warm_up, []
+        try:
+            _send_with_descriptors(self.control, {"warm_up": warm_up}, process.child_ends)
+            self.warm_types.update(warm_up)
+        except OSError:
+            pass  # the launcher is gone: reading the answer says so
+        finally:
+            process.close_child_ends()
+        return process
+
+    def _read_pid(self, process):
+        answer = self._read_answer()
+        if "error" in answer:
+            raise LauncherUnavailable("cannot fork a job process: %s" % answer["error"])
+        process.pid, process.temporary_dir, process.launcher = answer["pid"], answer["temporary_dir"], self.process
+
+    def _read_answer(self):
+        try:
+            line = self._answers.readline()
+        except OSError as error:  # socket.timeout included
+            raise LauncherGone("no answer: %s" % (error or type(error).__name__))
+        if not line:
+            returncode = self.process.poll()
+            raise LauncherGone("it is not answering" if returncode is None else "it exited with status %d" % returncode)
+        return json.loads(line.decode("utf-8"))
+
+    def _start(self):
+        import subprocess
+
+        runner_end, launcher_end = socket.socketpair()
+        command = ([sys.executable] + _interpreter_flags()
+                   + [_entry_script(), LAUNCHER_COMMAND, str(launcher_end.fileno()), self.handler_specs])
+        try:
+            self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, pass_fds=(launcher_end.fileno(),),
+                                            start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        except OSError as error:
+            runner_end.close()
+            raise LauncherUnavailable("cannot start the job launcher %s: %s" % (sys.executable, error))
+        finally:
+            launcher_end.close()
+        runner_end.settimeout(LAUNCHER_ANSWER_TIMEOUT_S)
+        self.control, self._answers = runner_end, runner_end.makefile("rb")
+        try:
+            self._read_answer()  # {"ready": true}: the launcher has imported the handler modules
+        except LauncherGone as gone:
+            self._stop()
+            raise LauncherUnavailable("the job launcher did not start: %s (its output above says why)" % gone)
+
+    def _stop(self):
+        """Close the launcher (it exits when its socket closes), and the spare with it."""
+        if self._spare is not None:
+            self._spare.release()
+            self._spare = None
+        if self.process is None:
+            return
+        try:
+            self.control.shutdown(socket.SHUT_WR)  # the launcher's cue to exit
+            self.process.wait(JOB_STOP_GRACE_S)
+        except Exception:  # subprocess.TimeoutExpired: it hangs in an import; OSError: it is gone
+            self.process.kill()
+            self.process.wait()
+        self._answers.close()
+        self.control.close()
+        self.process = self.control = self._answers = None
+        self.warm_types = set()
+
+
+def new_job_launcher(in_process, handler_specs, warm=True, spare=True):
+    """The JobLauncher for job processes; None to run jobs in threads: --in-process, or no fork (Windows)."""
+    if in_process or not hasattr(os, "fork"):
+        return None
+    return JobLauncher(handler_specs, warm, spare)
+
+
+def _interpreter_flags():
+    """The flags of this interpreter that change what a job process imports or how it runs."""
+    flags = sys.flags
+    named = (("-I", flags.isolated), ("-E", flags.ignore_environment), ("-s", flags.no_user_site),
+             ("-B", flags.dont_write_bytecode), ("-P", getattr(flags, "safe_path", False)))
+    options = [flag for flag, is_set in named if is_set] + ["-O"] * flags.optimize
+    options += ["-X", "dev"] * bool(flags.dev_mode) + ["-X", "utf8"] * bool(flags.utf8_mode)
+    return options + ["-W" + option for option in sys.warnoptions]
+
+
+def _entry_script():
+    """The script that started this process, so that the launcher registers the same job
+    types: runpack_runner.py itself, the `runpack` console script, or a vendoring script
+    that registers its own types and then calls main()."""
+    script = sys.argv[0] if sys.argv else ""
+    return os.path.abspath(script) if os.path.isfile(script) else os.path.abspath(__file__)
+
+
+def _send_with_descriptors(connection, message, descriptors):
+    import array
+
+    connection.sendmsg([(json.dumps(message) + "\n").encode("utf-8")],
+                       [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", descriptors))])
+
+
+def _receive_with_descriptors(connection, count):
+    """(message, descriptors) from _send_with_descriptors; (None, []) once the runner is gone.
+    A message is one short line and the runner sends the next only after the answer, so one
+    recvmsg takes it whole."""
+    import array
+
+    descriptors = array.array("i")
+    data, ancillary, _, _ = connection.recvmsg(65536, socket.CMSG_SPACE(count * descriptors.itemsize))
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            descriptors.frombytes(payload[:len(payload) - len(payload) % descriptors.itemsize])
+    for descriptor in descriptors:
+        os.set_inheritable(descriptor, False)  # not for the programs a job runs
+    return (json.loads(data.decode("utf-8")) if data else None), list(descriptors)
+
+
+def _name_this_process(name):
+    """Name the process in ps and top (Linux; elsewhere nothing happens)."""
+    try:
+        descriptor = os.open("/proc/self/comm", os.O_WRONLY)
+    except OSError:
+        return
+    try:
+        os.write(descriptor, name.encode())
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def _exit_code(wait_status):
+    """os.waitstatus_to_exitcode, which Python 3.8 lacks."""
+    return -os.WTERMSIG(wait_status) if os.WIFSIGNALED(wait_status) else os.WEXITSTATUS(wait_status)
+
+
+def _cancel_job(signum, frame):
+    raise JobCancelled("stopped by the runner")
+
+
+def _ignore_signal(signum, frame):
+    """SIGTERM/SIGINT for the whole group (systemd, Slurm, Ctrl-C) are for the runner, which
+    finishes the job; a Python handler, unlike SIG_IGN, is not inherited by programs the job runs."""
+
+
+# The launcher's own side: `runpack_runner.py _launcher <socket descriptor> <handler modules>`.
+
+def serve_launcher(control_descriptor, handler_specs):
+    """The launcher process: forks a job process per request until the runner closes the
+    socket or dies. SIGTERM and SIGINT are for the runner, which stops the launcher itself."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _ignore_signal)
+    _name_this_process(LAUNCHER_PROCESS_NAME)
+    control = socket.socket(fileno=int(control_descriptor))
+    try:
+        load_handler_modules(handler_specs)
+    except ConfigurationError as error:
+        print("Error: the job launcher: %s" % error, file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, datefmt=LOG_DATE_FORMAT)  # for the jobs
+    ForkServer(control).serve()
+    return EXIT_OK
+
+
+class ForkServer:
+    """The launcher's loop: a fork per request; once a job process has ended, its exit
+    status written to its channel and its temporary directory removed (off the runner's
+    way). Single-threaded, so that forking is safe."""
+
+    def __init__(self, control):
+        self.control = control
+        self.runner_pid = os.getppid()
+        self.jobs = {}  # pid of a job process -> (the launcher's copy of its channel, its temporary directory)
+        self.wakeup_reader, self.wakeup_writer = os.pipe()
+
+    def serve(self):
+        os.set_blocking(self.wakeup_reader, False)
+        os.set_blocking(self.wakeup_writer, False)
+        signal.set_wakeup_fd(self.wakeup_writer)
+        signal.signal(signal.SIGCHLD, _ignore_signal)  # a Python handler: SIGCHLD wakes select
+        self._answer({"ready": True})
+        while True:
+            ready, _, _ = select.select([self.control, self.wakeup_reader], [], [])
+            if self.wakeup_reader in ready:
+                while _read_nonblocking(self.wakeup_reader):
+                    pass
+                self._reap()
+            if self.control in ready:
+                request, descriptors = _receive_with_descriptors(self.control, 3)
+                if request is None:
+                    return
+                self._fork(request, descriptors)
+
+    def _answer(self, message):
+        self.control.sendall((json.dumps(message) + "\n").encode("utf-8"))
+
+    def _fork(self, request, descriptors):
+        channel, output, go = descriptors
+        for job_type in request["warm_up"]:
+            self._warm_up(job_type)
+        gc.freeze()  # the job process's collections then leave the launcher's objects, and their pages, alone
+        try:
+            temporary_dir = tempfile.mkdtemp(prefix="%s%d-" % (JOB_TEMP_PREFIX, self.runner_pid))
+            with warnings.catch_warnings():  # 3.12+ warns of a fork in a process that a warm import gave threads
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
+        except OSError as error:
+            for descriptor in descriptors:
+                os.close(descriptor)
+            self._answer({"error": str(error)})
+            return
+        if pid == 0:
+            try:
+                os.setpgid(0, 0)
+                self._leave_launcher()
+                serve_job_process(channel, output, go, temporary_dir)
+            finally:
+                os._exit(EXIT_FAILURE)
+        try:
+            os.setpgid(pid, pid)  # as the child does: the group is there before the runner can signal it
+        except OSError:  # the child got there first, or has already ended
+            pass
+        os.close(output)
+        os.close(go)
+        self.jobs[pid] = (channel, temporary_dir)
+        self._answer({"pid": pid, "temporary_dir": temporary_dir})
+
+    def _warm_up(self, job_type):
+        """Import the job type's warm_modules, so that its next jobs start with them; a module
+        that fails to import is the job's to report."""
+        for name in getattr(JOB_HANDLERS.get(job_type), "warm_modules", ()):
+            try:
+                importlib.import_module(name)
+            except Exception:
+                pass
+
+    def _leave_launcher(self):
+        """In a job process just forked: drop what is the launcher's."""
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        self.control.close()
+        for descriptor in [self.wakeup_reader, self.wakeup_writer] + [job[0] for job in self.jobs.values()]:
+            os.close(descriptor)
+
+    def _reap(self):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid in self.jobs:
+                channel, temporary_dir = self.jobs.pop(pid)
+                _tell_exit_status(channel, _exit_code(status))
+                shutil.rmtree(temporary_dir, ignore_errors=True)
+
+
+def _read_nonblocking(descriptor):
+    try:
+        return os.read(descriptor, 4096)
+    except BlockingIOError:
+        return b""
+
+
+def _tell_exit_status(channel, returncode):
+    """The last message on a job's channel; never blocks the launcher (the process that
+    shared the pipe's blocking mode has ended)."""
+    try:
+        os.set_blocking(channel, False)
+        os.write(channel, (json.dumps({"exit_status": returncode}) + "\n").encode("utf-8"))
+    except OSError:  # the runner stopped listening
+        pass
+    finally:
+        os.close(channel)
+
+
+# The job process's own side, in the child of a fork.
 
 class ParentPipe:
     """The job process's end of the pipe to the runner: one JSON message per line."""
@@ -2143,47 +2582,69 @@ class ParentPipe:
         return True
 
 
-def _exit_with_parent(parent_pid):
-    """A job process outlives its runner by a second at most (the runner may be kill -9'ed)."""
-    while os.getppid() == parent_pid:
-        time.sleep(1.0)
-    os._exit(EXIT_FAILURE)
-
-
-def _cancel_job(signum, frame):
-    raise JobCancelled("stopped by the runner")
-
-
-def _ignore_signal(signum, frame):
-    """SIGTERM/SIGINT for the whole group (systemd, Slurm, Ctrl-C) are for the runner, which
-    finishes the job; a Python handler, unlike SIG_IGN, is not inherited by programs the job runs."""
-
-
-def serve_job_process(spec_path, channel_descriptor):
-    """The job process: run one handler, pass progress and the report to the runner, exit.
-    JOB_STOP_SIGNAL (the runner stopping the job) raises JobCancelled in the handler, so that
-    its ``finally`` blocks run; SIGKILL follows if it does not end."""
-    signal.signal(JOB_STOP_SIGNAL, _cancel_job)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, _ignore_signal)
-    parent_pid = os.getppid()
-    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, datefmt=LOG_DATE_FORMAT)
-    with open(spec_path, encoding="utf-8") as stream:
-        spec = json.load(stream)
-    load_handler_modules(spec["handlers"])
-    parent = ParentPipe(int(channel_descriptor))
-    progress = JobProgress(spec["heartbeat_interval"])
+def serve_job_process(channel, output, go, temporary_dir):
+    """A job process, just forked: get ready, wait for the job on ``go``, run its handler,
+    pass progress and the report on ``channel``, exit. JOB_STOP_SIGNAL (the runner stopping
+    the job) raises JobCancelled in the handler, so that its ``finally`` blocks run; SIGKILL
+    follows if it does not end."""
+    _become_job_process(output, temporary_dir)
+    parent = ParentPipe(channel)
+    progress = JobProgress(None)
     pump = HeartbeatPump(progress, parent, None, JOB_UPDATE_GAP_S, lambda: None)
     pump.start()
+    threading.Thread(target=_end_with_the_runner, args=(go,), name="runner-line", daemon=True).start()
+    spec = _read_job(go)
+    _name_this_process(JOB_PROCESS_NAME)
+    progress.heartbeat_interval = spec["heartbeat_interval"]
     report = run_handler(JOB_HANDLERS[spec["job_type"]], spec["input_params"], progress)
     progress.finish()
-    pump.join()
     sys.stdout.flush()
     sys.stderr.flush()
     if report is not None:
         parent.send({"report": report})
     os._exit(EXIT_OK)  # threads the handler left behind must not keep the process, and the job, alive
+
+
+def _become_job_process(output, temporary_dir):
+    """What a fresh job process would have: its output to ``output``, no stdin, its own
+    TMPDIR, its signal handlers, and random numbers of its own."""
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(output, 1)
+    os.dup2(output, 2)
+    os.close(devnull)
+    os.close(output)
+    os.environ["TMPDIR"] = temporary_dir
+    tempfile.tempdir = None  # computed again from TMPDIR
+    signal.signal(JOB_STOP_SIGNAL, _cancel_job)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _ignore_signal)
+    numpy_random = sys.modules.get("numpy.random")  # warm: seeded once in the launcher
+    if numpy_random is not None:
+        numpy_random.seed()
+
+
+def _read_job(go):
+    """The job, one JSON line on ``go``; the process ends if go closes first (a spare let go)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = os.read(go, 1 << 16)
+        if not chunk:
+            os._exit(EXIT_OK)
+        data += chunk
+    return json.loads(data.decode("utf-8"))
+
+
+def _end_with_the_runner(go):
+    """The runner keeps its end of ``go`` open while the job runs: once it closes, the runner
+    is gone (kill -9 included) or has let the process go, and the process ends at once, with
+    every process the job started. Polled for the hang-up alone, so that the job itself,
+    arriving on go, does not wake this thread."""
+    watch = select.poll()
+    watch.register(go, select.POLLHUP)
+    while not watch.poll():
+        pass
+    os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
 # ---- The job slot: one claimed job, from custody record to accepted report ------
@@ -2267,9 +2728,10 @@ class JobSlot(threading.Thread):
     process), its heartbeats, the report kept in the custody record, its delivery — while
     the runner's loop goes on. ``on_exit(slot)`` is called last, from this thread."""
 
-    def __init__(self, record, settings, client, state, shutdown, courier, on_exit):
+    def __init__(self, record, settings, client, state, shutdown, courier, launcher, on_exit):
         super().__init__(name="job-slot", daemon=True)
         self.record, self.settings, self.client, self.state = record, settings, client, state
+        self.launcher = launcher  # a JobLauncher, or None: --in-process
         self.shutdown, self.courier, self._on_exit = shutdown, courier, on_exit
         self.fatal = None  # a WorkerKeyRejected that must stop the runner
         self.waker = Waker()
@@ -2326,7 +2788,7 @@ class JobSlot(threading.Thread):
         """Run the job with its heartbeats; the report, or None once the job is not ours.
         The worker's 120 heartbeats a minute are per runner, shared by all its slots:
         hence each slot's minimum gap grows with --concurrency."""
-        execution = make_execution(self.settings, self.record["job_type"], self.record["input_params"],
+        execution = make_execution(self.launcher, self.record["job_type"], self.record["input_params"],
                                    progress, self.waker)
         send = WorkerHeartbeats(self.client, self.record)
         heartbeats = HeartbeatPump(progress, send, self.settings.heartbeat_interval,
@@ -2530,6 +2992,7 @@ class Runner:
         self.pacer = PollPacer()
         self.idle_log = IdleLog()
         self.relay = relay  # a RelayClient, or None
+        self.launcher = new_job_launcher(settings.in_process, settings.handlers, not settings.no_warm_imports)
         self.job_types = []
         self._look_again = False  # a new-job notice came since the last poll
         self._after_notice = False  # this round's poll answers a notice
@@ -2541,8 +3004,15 @@ class Runner:
 
     def run(self):
         """Serve until shut down or a batch limit is reached; returns the process exit code."""
+        try:
+            return self._run()
+        finally:
+            if self.launcher is not None:
+                self.launcher.close()
+
+    def _run(self):
         self.shutdown.install()
-        if not self.settings.in_process and remove_orphaned_job_dirs():
+        if self.launcher is not None and remove_orphaned_job_dirs():
             LOG.info("Removed the temporary directories of jobs whose runner was killed")
         self.job_types = self._job_types_to_serve()
         if not self.job_types:
@@ -2641,6 +3111,8 @@ class Runner:
                 break
             if not self._look_again:
                 self.idle_log.empty_poll(interval)
+                if self.launcher is not None and not self._running():
+                    self.launcher.rest()
                 self._sleep_until_limit(interval, until=lambda: self._look_again)
                 interval = min(interval + self.settings.poll_interval_step, self.settings.poll_interval_max)
             if self._look_again:  # a fleet woken by one notice does not poll all at once
@@ -2760,7 +3232,7 @@ class Runner:
                  ", attempt %d" % (record["attempts"] + 1) if record.get("attempts") else "")
         self.limits.job_started()
         slot = JobSlot(record, self.settings, self.client, self.state, self.shutdown, self.courier,
-                       self._slot_ended)
+                       self.launcher, self._slot_ended)
         with self._lock:
             self._slots[slot.job_id] = slot
         slot.start()
@@ -2926,12 +3398,17 @@ def run_locally(job_type, input_params, settings, out=None, err=None, hint=lambd
         return EXIT_FAILURE
     progress = JobProgress(settings.heartbeat_interval)
     waker = Waker()
-    execution = make_execution(settings, job_type, input_params, progress, waker)
+    launcher = new_job_launcher(settings.in_process, settings.handlers, warm=False, spare=False)
+    execution = make_execution(launcher, job_type, input_params, progress, waker)
     display = TerminalProgress(err, job_type)
     pump = HeartbeatPump(progress, display, settings.heartbeat_interval, 0.1, waker.wake)
     pump.start()
     with contextlib.redirect_stdout(err):  # stdout is for the output JSON (matters --in-process)
-        report = execution.run(settings.job_timeout)
+        try:
+            report = execution.run(settings.job_timeout)
+        finally:
+            if launcher is not None:
+                launcher.close()
         progress.finish()
         pump.join()
     display.finish(report["body"]["console_output"])
@@ -3226,8 +3703,8 @@ def main(argv=None):
     """The command line; also the entry point for scripts that vendor this file and
     register their own job types first: ``sys.exit(runpack_runner.main())``."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == [JOB_PROCESS_COMMAND] and len(argv) == 3:  # not a user's command: see ProcessJobExecution
-        return serve_job_process(argv[1], argv[2])
+    if argv[:1] == [LAUNCHER_COMMAND] and len(argv) == 3:  # not a user's command: see JobLauncher
+        return serve_launcher(argv[1], argv[2])
     parser = build_parser()
     args, unparsed = parser.parse_known_args(argv)
     if args.command == "run" and not any(arg.startswith("-") for arg in unparsed):

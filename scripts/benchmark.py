@@ -56,6 +56,50 @@ def proc_status_kib(pid, field):
     return None
 
 
+def process_tree(pid):
+    """``pid`` and its descendants, read from /proc (empty off Linux)."""
+    parents = {}
+    for name in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        try:
+            with open("/proc/%s/stat" % name) as stream:
+                parents[int(name)] = int(stream.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    tree, added = {pid}, True
+    while added:
+        more = {child for child, parent in parents.items() if parent in tree} - tree
+        tree |= more
+        added = bool(more)
+    return tree
+
+
+def tree_cpu_seconds(pid):
+    """CPU seconds (user + system) used so far by ``pid``, its descendants and the children they
+    have reaped: the whole cost of a runner, its launcher and every job process."""
+    total = 0
+    for member in process_tree(pid):
+        try:
+            with open("/proc/%d/stat" % member) as stream:
+                fields = stream.read().rsplit(")", 1)[1].split()
+            total += sum(int(field) for field in fields[11:15])  # utime stime cutime cstime
+        except (OSError, ValueError, IndexError):
+            continue
+    return total / float(os.sysconf("SC_CLK_TCK"))
+
+
+def proportional_kib(pid):
+    """The PSS of ``pid`` in KiB: its RSS with each shared page divided among the processes that
+    share it, so that a launcher and the spare it forked are not counted twice. None off Linux."""
+    try:
+        with open("/proc/%d/smaps_rollup" % pid) as stream:
+            for line in stream:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def mib(kib):
     return "-" if kib is None else "%.0f MiB" % (kib / 1024.0)
 
@@ -95,7 +139,8 @@ def print_table(header, rows, left=(0,)):
 
 FIGPACK_JOB_TYPE = "figpack_nwb_raster_plot"
 FIGPACK_KEY = "benchmark-figpack-key"
-RUNNER_MODES = {"runner": (), "runner --in-process": ("--in-process",)}  # job process / thread
+RUNNER_MODES = {"runner": (), "runner --no-warm-imports": ("--no-warm-imports",),
+                "runner --in-process": ("--in-process",)}  # job processes, warm or not / threads
 RUNNER_FLAGS = ("--poll-interval", "0.05", "--poll-interval-step", "0", "--poll-interval-max", "0.05",
                 "--heartbeat-interval", "0.5", "--request-timeout", "10", "--retry-max", "0.5")
 
@@ -121,12 +166,13 @@ def figpack_direct(fixtures, nwb_url, api, tmpdir):
             "import_s": result["import_s"], "read_s": result["read_s"], "show_s": result["show_s"]}
 
 
-def figpack_through_runner(fake_worker, nwb_url, api, tmpdir, label, mode_flags=(), args_timeout=600):
-    """The same work as a job: a fresh runner process, idle first, then the job added at the worker.
-    Wall time runs from add_job to the worker holding the completed result. While the job runs, the
-    peak RSS (VmHWM) of the runner's child processes (the job process) is sampled."""
-    from conftest import children_of  # tests/ is on sys.path
-
+def figpack_through_runner(fake_worker, nwb_url, api, tmpdir, label, mode_flags=(), jobs=3, args_timeout=600):
+    """The same work as jobs of one runner process, idle first, then ``jobs`` jobs added at the
+    worker one after the other: the first starts cold, the later ones warm (unless
+    --no-warm-imports or --in-process). Each job's wall time runs from add_job to the worker
+    holding the completed result. While a job runs, the peak RSS (VmHWM) of the runner's other
+    processes (launcher and job processes) is sampled; after the last, with the runner idle,
+    their RSS (the launcher keeping figpack warm)."""
     state = tempfile.mkdtemp(prefix="runner-", dir=tmpdir)
     job_tmp = os.path.join(state, "tmp")
     os.mkdir(job_tmp)
@@ -143,28 +189,33 @@ def figpack_through_runner(fake_worker, nwb_url, api, tmpdir, label, mode_flags=
                      describe=lambda: tail(log_path))
             time.sleep(0.3)
             rss_idle = proc_status_kib(process.pid, "VmRSS")
-            # distinct parameters on every run: the worker would otherwise hand back the known job
-            params = {"nwb_url": nwb_url, "units_path": "/units", "dandiset_id": label}
-            started = time.monotonic()
-            job_id = worker.add_job(FIGPACK_JOB_TYPE, params)
-            child_peaks = {}
+            walls, urls, peaks = [], [], {}
+            for number in range(jobs):
+                # distinct parameters on every run: the worker would otherwise hand back the known job
+                params = {"nwb_url": nwb_url, "units_path": "/units", "dandiset_id": "%s-%d" % (label, number)}
+                started = time.monotonic()
+                job_id = worker.add_job(FIGPACK_JOB_TYPE, params)
 
-            def job_done():
-                if worker.job(job_id)["status"] in ("completed", "failed"):
-                    return True
-                for child in children_of(process.pid):
-                    peak = proc_status_kib(child, "VmHWM")
-                    if peak is not None:
-                        child_peaks[child] = max(peak, child_peaks.get(child, 0))
-                return False
+                def job_done():
+                    if worker.job(job_id)["status"] in ("completed", "failed"):
+                        return True
+                    for member in process_tree(process.pid) - {process.pid}:
+                        peak = proc_status_kib(member, "VmHWM")
+                        if peak is not None:
+                            peaks[member] = max(peak, peaks.get(member, 0))
+                    return False
 
-            wait_for(job_done, args_timeout, "the job", describe=lambda: tail(log_path) + "\n" + worker.describe())
-            wall = time.monotonic() - started
+                wait_for(job_done, args_timeout, "the job", describe=lambda: tail(log_path) + "\n" + worker.describe())
+                walls.append(time.monotonic() - started)
+                job = worker.job(job_id)
+                if job["status"] != "completed":
+                    raise RuntimeError("the job failed: %s\n%s" % (job["error_message"], job["console_output"]))
+                urls.append(job["output_data"]["figpack_url"])
+            polls = worker.count("available")
+            wait_for(lambda: worker.count("available") >= polls + 3, 30, "the runner to go idle")
             rss_after = proc_status_kib(process.pid, "VmRSS")
+            others_idle = sum(proportional_kib(member) or 0 for member in process_tree(process.pid) - {process.pid})
             rss_peak = proc_status_kib(process.pid, "VmHWM")
-            job = worker.job(job_id)
-            if job["status"] != "completed":
-                raise RuntimeError("the job failed: %s\n%s" % (job["error_message"], job["console_output"]))
             process.send_signal(signal.SIGTERM)
             exit_code = process.wait(60)
         finally:
@@ -173,15 +224,12 @@ def figpack_through_runner(fake_worker, nwb_url, api, tmpdir, label, mode_flags=
                 process.wait()
     with open(log_path, encoding="utf-8", errors="replace") as stream:
         output = stream.read()
-    found = re.search(r"Job %s completed in ([\d.]+)s" % re.escape(job_id), output)
     shutil.rmtree(state, ignore_errors=True)
     if exit_code != 0:
         raise RuntimeError("the runner exited %s:\n%s" % (exit_code, output[-3000:]))
-    return {"wall_s": wall, "url": job["output_data"]["figpack_url"],
-            "runner_says_s": float(found.group(1)) if found else None,
-            "heartbeats": len(job["heartbeats"]),
-            "rss_idle_kib": rss_idle, "rss_after_kib": rss_after, "rss_peak_kib": rss_peak,
-            "job_process_peak_kib": max(child_peaks.values()) if child_peaks else None}
+    return {"walls_s": walls, "urls": urls, "rss_idle_kib": rss_idle, "rss_after_kib": rss_after,
+            "rss_peak_kib": rss_peak, "others_idle_kib": others_idle,
+            "job_process_peak_kib": max(peaks.values()) if peaks else None}
 
 
 def check_upload(fixtures, api, url, table):
@@ -232,43 +280,44 @@ def command_figpack(args):
                         direct["show_s"], mib(direct["maxrss_kib"])))
                     for mode, flags in RUNNER_MODES.items():
                         job = figpack_through_runner(fake_worker, url, api, workdir,
-                                                     "%s-%s-%d" % (name, mode, repetition), flags)
-                        check_upload(fixtures, api, job["url"], table)
+                                                     "%s-%s-%d" % (name, mode, repetition), flags, args.jobs)
+                        for job_url in job["urls"]:
+                            check_upload(fixtures, api, job_url, table)
                         runs[mode].append(job)
-                        print("  %s #%d %s: %s (its log: %s, %d heartbeats), runner RSS idle %s, after %s, "
-                              "peak %s; job process peak %s" % (
-                                  name, repetition + 1, mode, seconds(job["wall_s"]), seconds(job["runner_says_s"]),
-                                  job["heartbeats"], mib(job["rss_idle_kib"]), mib(job["rss_after_kib"]),
-                                  mib(job["rss_peak_kib"]), mib(job["job_process_peak_kib"])))
+                        print("  %s #%d %s: jobs %s; runner RSS idle %s, after %s, peak %s; its other processes "
+                              "after %s; job process peak %s" % (
+                                  name, repetition + 1, mode, " ".join(seconds(wall) for wall in job["walls_s"]),
+                                  mib(job["rss_idle_kib"]), mib(job["rss_after_kib"]), mib(job["rss_peak_kib"]),
+                                  mib(job["others_idle_kib"]), mib(job["job_process_peak_kib"])))
                     sys.stdout.flush()
         print()
         rows = []
         for name, runs in results.items():
             table = runs["table"]
             direct = median(run["wall_s"] for run in runs["direct"])
-            rows.append([name, "%d" % table["n_units"], "{:,}".format(table["total_spikes"]), "direct",
-                         seconds(direct), "1.00", "-", "-", "-", "-", mib(median(run["maxrss_kib"]
-                                                                             for run in runs["direct"]))])
+            rows.append([name, "{:,}".format(table["total_spikes"]), "direct", seconds(direct), "-", "1.00",
+                         "-", "-", "-", mib(median(run["maxrss_kib"] for run in runs["direct"]))])
             for mode in RUNNER_MODES:
                 jobs = runs[mode]
-                wall = median(job["wall_s"] for job in jobs)
+                later = median(wall for job in jobs for wall in job["walls_s"][1:])
                 job_peak = median(job["job_process_peak_kib"] for job in jobs)
                 rows.append([
-                    "", "", "", mode, seconds(wall), "%.2f" % (wall / direct),
-                    seconds(median(job["runner_says_s"] for job in jobs)),
+                    "", "", mode, seconds(median(job["walls_s"][0] for job in jobs)), seconds(later),
+                    "%.2f" % (later / direct),
                     mib(median(job["rss_idle_kib"] for job in jobs)),
                     mib(median(job["rss_after_kib"] for job in jobs)),
-                    mib(median(job["rss_peak_kib"] for job in jobs)),
+                    mib(median(job["others_idle_kib"] for job in jobs)),
                     mib(job_peak) if job_peak else "(in runner)",
                 ])
-        print_table(["table", "units", "spikes", "how", "wall", "ratio", "runner log", "runner RSS idle",
-                     "after", "peak", "job peak RSS"], rows, left=(0, 3))
+        print_table(["table", "spikes", "how", "first job", "later jobs", "ratio", "runner RSS idle",
+                     "after", "launcher after", "job peak RSS"], rows, left=(0, 2))
         print("\nMedians of %d runs. direct: a fresh `python3 -c` doing from_nwb_units_table + show(upload=True), "
-              "its peak RSS from ru_maxrss. runner: from add_job at the fake worker until the worker holds "
-              "the completed result (the runner polls every 0.05 s), each run with a fresh runner process; "
-              "runner log: the runner's own \"Job ... completed in X s\"; runner RSS from /proc (VmRSS idle "
-              "before the job and after it, peak VmHWM); job peak RSS: VmHWM of the job process, sampled."
-              % args.repeat)
+              "its peak RSS from ru_maxrss. runner: %d jobs one after the other through one runner process, "
+              "each from add_job at the fake worker until the worker holds the completed result (the runner "
+              "polls every 0.05 s); ratio: later jobs / direct. RSS from /proc: the runner's VmRSS idle before "
+              "the first job and after the last; launcher after: the RSS of its other processes then (the "
+              "launcher and its spare, figpack warm); job peak RSS: VmHWM of job processes, sampled."
+              % (args.repeat, args.jobs))
         if args.json:
             with open(args.json, "w") as stream:
                 json.dump({name: dict(runs, table={k: v for k, v in runs["table"].items() if k != "unit_ids"})
@@ -323,8 +372,9 @@ def start_runner_process(worker_url, state_dir, *flags, **extra_env):
 
 def bench_drain(jobs, latency_s=0.0, flags=()):
     """Draining a queue of instant hello_world jobs: jobs per second from the first claim to the
-    last report, and the requests the runner made per job. ``latency_s`` delays every answer of
-    the worker, as a worker across the Internet would."""
+    last report, the requests the runner made per job, and the CPU milliseconds per job of the
+    runner's process tree and of the fake worker (this process). ``latency_s`` delays every
+    answer of the worker, as a worker across the Internet would."""
     with fake_worker_module().FakeWorker() as worker, tempfile.TemporaryDirectory() as state_dir:
         ids = [worker.add_job("hello_world", {"name": "n%d" % i, "processing_time": 0}) for i in range(jobs)]
         if latency_s:
@@ -332,17 +382,20 @@ def bench_drain(jobs, latency_s=0.0, flags=()):
         runner = start_runner_process(worker.url, state_dir, *flags)
         try:
             wait_for(lambda: worker.count("claim") >= 1, 60, "the first claim")
-            started = time.perf_counter()
+            started, runner_cpu, worker_cpu = time.perf_counter(), tree_cpu_seconds(runner.pid), os.times()
             wait_for(lambda: runner.poll() is not None or all(worker.job(j)["status"] == "completed"
                                                                for j in ids),
                      1200, "the queue to drain", step=0.02)
             if runner.poll() is not None:
                 raise RuntimeError("the runner exited with %s while draining (flags %s)" % (runner.returncode, flags))
             elapsed = time.perf_counter() - started
+            runner_cpu = tree_cpu_seconds(runner.pid) - runner_cpu
+            worker_cpu = sum(os.times()[:2]) - sum(worker_cpu[:2])
             routes = [record.route for record in worker.requests]
             last = max(i for i, route in enumerate(routes) if route == "complete")
             per_job = dict((route, routes[:last + 1].count(route) / float(jobs))
                            for route in ("available", "claim", "heartbeat", "complete"))
+            per_job.update(runner_cpu_ms=runner_cpu * 1000 / jobs, worker_cpu_ms=worker_cpu * 1000 / jobs)
         finally:
             runner.terminate()
             runner.wait(60)
@@ -783,7 +836,8 @@ def build_parser():
         "figpack", help="the figpack_nwb_raster_plot job: direct figpack versus through the runner",
         description="Time a raster plot of a small and a large units table, made by figpack directly "
                     "and as a job of the real runner against the fake worker, all on 127.0.0.1.")
-    figpack.add_argument("--repeat", type=int, default=3, help="runs of each kind per table (default 3)")
+    figpack.add_argument("--repeat", type=int, default=2, help="runs of each kind per table (default 2)")
+    figpack.add_argument("--jobs", type=int, default=4, help="jobs per runner run (default 4)")
     figpack.add_argument("--small-units", type=int, default=20)
     figpack.add_argument("--small-spikes", type=int, default=200, help="spikes per unit of the small table")
     figpack.add_argument("--large-units", type=int, default=300)

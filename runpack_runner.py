@@ -1897,9 +1897,21 @@ def run_handler(handler, input_params, progress):
     return complete_report(result, progress.console)
 
 
-# ---- Job isolation: where a job's handler runs, a thread or a job process ---------
+# ---- Job processes: the launcher that forks them warm -----------------------------
+#
+# A job process is forked by the launcher: a single-threaded process that the runner starts
+# fresh (fork and exec) at its first job, and that imports this module and the handler
+# modules once. A job process so starts in a millisecond or two instead of an interpreter's
+# 100 ms, with module state as fresh as a new interpreter's (the launcher itself runs no
+# job), and the launcher keeps one forked ahead, waiting for its job: the spare. Once a job
+# type whose handler lists ``warm_modules`` has had a job, the launcher imports them (warm
+# imports, unless --no-warm-imports), so that its later jobs start with them imported.
+#
+# Three pipes join the runner and a job process: ``go`` (the job, then nothing: when it
+# closes, the runner is gone, kill -9 included, and the job's process group ends itself),
+# ``channel`` (progress, the report, and last the launcher's word on how the process
+# ended) and ``output`` (its stdout and stderr).
 
-STOPPED_BY_SIGNAL = "stopped by a second shutdown signal"
 JOB_UPDATE_GAP_S = 0.1  # how often a job process passes its progress to the runner
 JOB_STOP_GRACE_S = 5.0  # a job process gets JOB_STOP_SIGNAL, then SIGKILL this much later
 # The runner's own signal to stop a job: a SIGTERM that systemd or Slurm sends to every process
@@ -1907,6 +1919,537 @@ JOB_STOP_GRACE_S = 5.0  # a job process gets JOB_STOP_SIGNAL, then SIGKILL this 
 # process the job started, unless it handles it).
 JOB_STOP_SIGNAL = getattr(signal, "SIGUSR1", None)
 JOB_TEMP_PREFIX = "runpack-job-"  # then the runner's pid: see remove_orphaned_job_dirs
+LAUNCHER_COMMAND = "_launcher"  # hidden command: the launcher process, see JobLauncher
+LAUNCHER_ANSWER_TIMEOUT_S = 60.0  # imports from a cold network file system can be that slow
+LAUNCHER_PROCESS_NAME = "runpack-launch"  # what ps and top show (Linux): at most 15 bytes
+JOB_PROCESS_NAME = "runpack-job"
+
+
+class LauncherUnavailable(Exception):
+    """No job process could be had: the launcher does not start, or cannot fork."""
+
+
+class LauncherGone(Exception):
+    """The launcher ended, or stopped answering, while the runner waited for it."""
+
+
+class JobProcess:
+    """A job process from the runner's side: its pid, and the runner's ends of its pipes,
+    made before the launcher forks it."""
+
+    def __init__(self):
+        self.channel, channel_end = os.pipe()
+        self.output, output_end = os.pipe()
+        go_end, self.go = os.pipe()
+        self.child_ends = [channel_end, output_end, go_end]  # for the launcher, then closed here
+        self.pid = self.temporary_dir = None
+        self.launcher = None  # the launcher's Popen, which alone can say how the process ended
+
+    def close_child_ends(self):
+        while self.child_ends:
+            os.close(self.child_ends.pop())
+
+    def hand_over(self, spec):
+        """Give the waiting process its job; False when it is no longer there to take it."""
+        data = (json.dumps(spec) + "\n").encode("utf-8")
+        try:
+            while data:
+                data = data[os.write(self.go, data):]
+        except BrokenPipeError:
+            return False
+        return True
+
+    def lost_for_good(self):
+        """True once the launcher has died and this process has ended: no exit status comes."""
+        return self.launcher.poll() is not None and not _process_alive(self.pid)
+
+    def release(self):
+        """Let go of the process: closing go ends it, if it still runs. Its launcher removes
+        its temporary directory once it has ended, or the runner does if that launcher is gone."""
+        self.close_child_ends()
+        for descriptor in (self.channel, self.output, self.go):
+            os.close(descriptor)
+        if self.launcher is not None and self.launcher.poll() is not None:
+            shutil.rmtree(self.temporary_dir, ignore_errors=True)
+
+
+class JobLauncher:
+    """The runner's side of the launcher: starts it at the first job and again when it died,
+    asks it to fork job processes, one ahead of need, and hands each its job. Thread-safe:
+    job slots share one launcher."""
+
+    def __init__(self, handler_specs, warm=True, spare=True):
+        self.handler_specs, self.warm, self.keep_spare = handler_specs, warm, spare
+        self.process = self.control = self._answers = None
+        self._spare = None  # a JobProcess asked for, whose answer (its pid) is read when it is taken
+        self._job_types = set()  # the job types that have had a job: a type is warmed up once
+        self._warm_up = []  # job types the launcher is to import the warm_modules of, with the next fork
+        self.warm_types = set()  # job types the running launcher has imported the warm_modules of
+        self._lock = threading.Lock()
+
+    def start_job(self, job_type, spec):
+        """A job process running ``spec``: the spare if there is one, else one forked now."""
+        with self._lock:
+            for _ in range(3):
+                process = self._take_spare() or self._fork()
+                if process.hand_over(spec):
+                    break
+                process.release()  # it died waiting (killed by someone): another one
+            else:
+                raise LauncherUnavailable("job processes die before they get their job")
+            if job_type not in self._job_types:
+                self._job_types.add(job_type)
+                if self.warm and getattr(JOB_HANDLERS.get(job_type), "warm_modules", ()):
+                    self._warm_up.append(job_type)
+                    self._prepare_spare()  # the imports take a while: start them beside this job
+            return process
+
+    def job_ended(self):
+        """Fork the next job's process now, while the runner reports and claims: forked as
+        a job starts, it would take the CPU from that job."""
+        with self._lock:
+            self._prepare_spare()
+
+    def _prepare_spare(self):
+        if self.keep_spare and self._spare is None and self.process is not None:
+            self._spare = self._ask_for_process()
+
+    def rest(self):
+        """Stop the launcher when it keeps nothing warm: an idle runner then costs what it did
+        before its first job. It starts again with the next job."""
+        with self._lock:
+            if not self.warm_types and not self._warm_up:
+                self._stop()
+
+    def close(self):
+        with self._lock:
+            self._stop()
+
+    def _take_spare(self):
+        spare, self._spare = self._spare, None
+        if spare is None:
+            return None
+        try:
+            self._read_pid(spare)
+            return spare
+        except LauncherGone:
+            self._stop()
+        except LauncherUnavailable:  # it could not fork then: maybe it can now
+            pass
+        spare.release()
+        return None
+
+    def _fork(self):
+        """A job process forked now; the launcher is started, or started again once."""
+        for attempt in (1, 2):
+            process = self._ask_for_process()
+            try:
+                self._read_pid(process)
+                return process
+            except LauncherGone as gone:
+                process.release()
+                self._stop()
+                if attempt == 2:
+                    raise LauncherUnavailable("the job launcher stopped twice in a row (%s)" % gone)
+            except LauncherUnavailable:
+                process.release()
+                raise
+
+    def _ask_for_process(self):
+        """Ask the launcher (started if needed) to fork a job process; it answers with its pid."""
+        if self.process is None:
+            self._start()
+        process = JobProcess()
+        warm_up, self._warm_up = self._warm_up, []
+        try:
+            _send_with_descriptors(self.control, {"warm_up": warm_up}, process.child_ends)
+            self.warm_types.update(warm_up)
+        except OSError:
+            pass  # the launcher is gone: reading the answer says so
+        finally:
+            process.close_child_ends()
+        return process
+
+    def _read_pid(self, process):
+        answer = self._read_answer()
+        if "error" in answer:
+            raise LauncherUnavailable("cannot fork a job process: %s" % answer["error"])
+        process.pid, process.temporary_dir, process.launcher = answer["pid"], answer["temporary_dir"], self.process
+
+    def _read_answer(self):
+        try:
+            line = self._answers.readline()
+        except OSError as error:  # socket.timeout included
+            raise LauncherGone("no answer: %s" % (str(error) or type(error).__name__))
+        if not line:
+            returncode = self.process.poll()
+            raise LauncherGone("it is not answering" if returncode is None else "it exited with status %d" % returncode)
+        return json.loads(line.decode("utf-8"))
+
+    def _start(self):
+        import subprocess
+
+        runner_end, launcher_end = socket.socketpair()
+        command = ([sys.executable] + _interpreter_flags()
+                   + [_entry_script(), LAUNCHER_COMMAND, str(launcher_end.fileno()), self.handler_specs])
+        try:
+            self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, pass_fds=(launcher_end.fileno(),),
+                                            start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        except OSError as error:
+            runner_end.close()
+            raise LauncherUnavailable("cannot start the job launcher %s: %s" % (sys.executable, error))
+        finally:
+            launcher_end.close()
+        runner_end.settimeout(LAUNCHER_ANSWER_TIMEOUT_S)
+        self.control, self._answers = runner_end, runner_end.makefile("rb")
+        try:
+            self._read_answer()  # {"ready": true}: the launcher has imported the handler modules
+        except LauncherGone as gone:
+            self._stop()
+            raise LauncherUnavailable("the job launcher did not start: %s (its output above says why)" % gone)
+
+    def _stop(self):
+        """Close the launcher (it exits when its socket closes), and the spare with it."""
+        if self._spare is not None:
+            self._spare.release()
+            self._spare = None
+        if self.process is None:
+            return
+        try:
+            self.control.shutdown(socket.SHUT_WR)  # the launcher's cue to exit
+            self.process.wait(JOB_STOP_GRACE_S)
+        except Exception:  # subprocess.TimeoutExpired: it hangs in an import; OSError: it is gone
+            self.process.kill()
+            self.process.wait()
+        self._answers.close()
+        self.control.close()
+        self.process = self.control = self._answers = None
+        self.warm_types = set()
+
+
+def new_job_launcher(in_process, handler_specs, warm=True, spare=True):
+    """The JobLauncher for job processes; None to run jobs in threads: --in-process, or no fork (Windows)."""
+    if in_process or not hasattr(os, "fork"):
+        return None
+    return JobLauncher(handler_specs, warm, spare)
+
+
+def remove_orphaned_job_dirs():
+    """Remove the temporary directories of jobs whose runner died without cleaning up
+    (kill -9): a figpack job's can hold megabytes. Returns how many were removed."""
+    root, removed = tempfile.gettempdir(), 0
+    for name in os.listdir(root):
+        pid = name[len(JOB_TEMP_PREFIX):].split("-")[0]
+        path = os.path.join(root, name)
+        if name.startswith(JOB_TEMP_PREFIX) and pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed += not os.path.exists(path)
+    return removed
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
+
+
+def _interpreter_flags():
+    """The flags of this interpreter that change what a job process imports or how it runs."""
+    flags = sys.flags
+    named = (("-I", flags.isolated), ("-E", flags.ignore_environment), ("-s", flags.no_user_site),
+             ("-B", flags.dont_write_bytecode), ("-P", getattr(flags, "safe_path", False)))
+    options = [flag for flag, is_set in named if is_set] + ["-O"] * flags.optimize
+    options += ["-X", "dev"] * bool(flags.dev_mode) + ["-X", "utf8"] * bool(flags.utf8_mode)
+    return options + ["-W" + option for option in sys.warnoptions]
+
+
+def _entry_script():
+    """The script that started this process, so that the launcher registers the same job
+    types: runpack_runner.py itself, the `runpack` console script, or a vendoring script
+    that registers its own types and then calls main()."""
+    script = sys.argv[0] if sys.argv else ""
+    return os.path.abspath(script) if os.path.isfile(script) else os.path.abspath(__file__)
+
+
+def _send_with_descriptors(connection, message, descriptors):
+    import array
+
+    connection.sendmsg([(json.dumps(message) + "\n").encode("utf-8")],
+                       [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", descriptors))])
+
+
+def _receive_with_descriptors(connection, count):
+    """(message, descriptors) from _send_with_descriptors; (None, []) once the runner is gone.
+    A message is one short line and the runner sends the next only after the answer, so one
+    recvmsg takes it whole."""
+    import array
+
+    descriptors = array.array("i")
+    data, ancillary, _, _ = connection.recvmsg(65536, socket.CMSG_SPACE(count * descriptors.itemsize))
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            descriptors.frombytes(payload[:len(payload) - len(payload) % descriptors.itemsize])
+    for descriptor in descriptors:
+        os.set_inheritable(descriptor, False)  # not for the programs a job runs
+    return (json.loads(data.decode("utf-8")) if data else None), list(descriptors)
+
+
+def _name_this_process(name):
+    """Name the process in ps and top (Linux; elsewhere nothing happens)."""
+    try:
+        descriptor = os.open("/proc/self/comm", os.O_WRONLY)
+    except OSError:
+        return
+    try:
+        os.write(descriptor, name.encode())
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def _exit_code(wait_status):
+    """os.waitstatus_to_exitcode, which Python 3.8 lacks."""
+    return -os.WTERMSIG(wait_status) if os.WIFSIGNALED(wait_status) else os.WEXITSTATUS(wait_status)
+
+
+def _cancel_job(signum, frame):
+    raise JobCancelled("stopped by the runner")
+
+
+def _ignore_signal(signum, frame):
+    """SIGTERM/SIGINT for the whole group (systemd, Slurm, Ctrl-C) are for the runner, which
+    finishes the job; a Python handler, unlike SIG_IGN, is not inherited by programs the job runs."""
+
+
+# The launcher's own side: `runpack_runner.py _launcher <socket descriptor> <handler modules>`.
+
+def serve_launcher(control_descriptor, handler_specs):
+    """The launcher process: forks a job process per request until the runner closes the
+    socket or dies. SIGTERM and SIGINT are for the runner, which stops the launcher itself."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _ignore_signal)
+    _name_this_process(LAUNCHER_PROCESS_NAME)
+    control = socket.socket(fileno=int(control_descriptor))
+    try:
+        load_handler_modules(handler_specs)
+    except ConfigurationError as error:
+        print("Error: the job launcher: %s" % error, file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, datefmt=LOG_DATE_FORMAT)  # for the jobs
+    ForkServer(control).serve()
+    return EXIT_OK
+
+
+class ForkServer:
+    """The launcher's loop: a fork per request; once a job process has ended, its exit
+    status written to its channel and its temporary directory removed (off the runner's
+    way). Single-threaded, so that forking is safe."""
+
+    def __init__(self, control):
+        self.control = control
+        self.temporary_root = "%s%d-" % (os.path.join(tempfile.gettempdir(), JOB_TEMP_PREFIX), os.getppid())
+        self.jobs = {}  # pid of a job process -> (the launcher's copy of its channel, its temporary directory)
+        self.wakeup_reader, self.wakeup_writer = os.pipe()
+
+    def serve(self):
+        os.set_blocking(self.wakeup_reader, False)
+        os.set_blocking(self.wakeup_writer, False)
+        signal.set_wakeup_fd(self.wakeup_writer)
+        signal.signal(signal.SIGCHLD, _ignore_signal)  # a Python handler: SIGCHLD wakes select
+        self._answer({"ready": True})
+        while True:
+            ready, _, _ = select.select([self.control, self.wakeup_reader], [], [])
+            if self.wakeup_reader in ready:
+                while _read_nonblocking(self.wakeup_reader):
+                    pass
+                self._reap()
+            if self.control in ready:
+                request, descriptors = _receive_with_descriptors(self.control, 3)
+                if request is None:  # the runner let go: its job processes end with it
+                    for _, temporary_dir in self.jobs.values():
+                        shutil.rmtree(temporary_dir, ignore_errors=True)
+                    return
+                self._fork(request, descriptors)
+
+    def _answer(self, message):
+        self.control.sendall((json.dumps(message) + "\n").encode("utf-8"))
+
+    def _fork(self, request, descriptors):
+        channel, output, go = descriptors
+        for job_type in request["warm_up"]:
+            self._warm_up(job_type)
+        gc.freeze()  # the job process's collections then leave the launcher's objects, and their pages, alone
+        temporary_dir = self.temporary_root + os.urandom(6).hex()  # made by the process once it has a job
+        try:
+            with warnings.catch_warnings():  # 3.12+ warns of a fork in a process that a warm import gave threads
+                warnings.simplefilter("ignore", DeprecationWarning)
+                pid = os.fork()
+        except OSError as error:
+            for descriptor in descriptors:
+                os.close(descriptor)
+            self._answer({"error": str(error)})
+            return
+        if pid == 0:
+            try:
+                os.setpgid(0, 0)
+                self._leave_launcher()
+                serve_job_process(channel, output, go, temporary_dir)
+            finally:
+                os._exit(EXIT_FAILURE)
+        try:
+            os.setpgid(pid, pid)  # as the child does: the group is there before the runner can signal it
+        except OSError:  # the child got there first, or has already ended
+            pass
+        os.close(output)
+        os.close(go)
+        self.jobs[pid] = (channel, temporary_dir)
+        self._answer({"pid": pid, "temporary_dir": temporary_dir})
+
+    def _warm_up(self, job_type):
+        """Import the job type's warm_modules, so that its next jobs start with them; a module
+        that fails to import is the job's to report."""
+        for name in getattr(JOB_HANDLERS.get(job_type), "warm_modules", ()):
+            try:
+                importlib.import_module(name)
+            except Exception:
+                pass
+
+    def _leave_launcher(self):
+        """In a job process just forked: drop what is the launcher's."""
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        self.control.close()
+        for descriptor in [self.wakeup_reader, self.wakeup_writer] + [job[0] for job in self.jobs.values()]:
+            os.close(descriptor)
+
+    def _reap(self):
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid in self.jobs:
+                channel, temporary_dir = self.jobs.pop(pid)
+                _tell_exit_status(channel, _exit_code(status))
+                shutil.rmtree(temporary_dir, ignore_errors=True)
+
+
+def _read_nonblocking(descriptor):
+    try:
+        return os.read(descriptor, 4096)
+    except BlockingIOError:
+        return b""
+
+
+def _tell_exit_status(channel, returncode):
+    """The last message on a job's channel; never blocks the launcher (the process that
+    shared the pipe's blocking mode has ended)."""
+    try:
+        os.set_blocking(channel, False)
+        os.write(channel, (json.dumps({"exit_status": returncode}) + "\n").encode("utf-8"))
+    except OSError:  # the runner stopped listening
+        pass
+    finally:
+        os.close(channel)
+
+
+# The job process's own side, in the child of a fork.
+
+class ParentPipe:
+    """The job process's end of the pipe to the runner: one JSON message per line."""
+
+    def __init__(self, descriptor):
+        self._stream = os.fdopen(descriptor, "w", encoding="utf-8")
+        self._lock = threading.Lock()
+
+    def send(self, message):
+        with self._lock:
+            self._stream.write(json.dumps(message) + "\n")
+            self._stream.flush()
+
+    def __call__(self, progress_current, progress_total, console_output):
+        self.send({"progress_current": progress_current, "progress_total": progress_total,
+                   "console_output": console_output})
+        return True
+
+
+def serve_job_process(channel, output, go, temporary_dir):
+    """A job process, just forked: get ready, wait for the job on ``go``, make its temporary
+    directory (unguessable, so private in a shared /tmp), run its handler, pass progress and
+    the report on ``channel``, exit. JOB_STOP_SIGNAL (the runner stopping the job) raises
+    JobCancelled in the handler, so that its ``finally`` blocks run; SIGKILL follows if it
+    does not end."""
+    _become_job_process(output)
+    parent = ParentPipe(channel)
+    progress = JobProgress(None)
+    pump = HeartbeatPump(progress, parent, None, JOB_UPDATE_GAP_S, lambda: None)
+    pump.start()
+    threading.Thread(target=_end_with_the_runner, args=(go,), name="runner-line", daemon=True).start()
+    spec = _read_job(go)
+    _name_this_process(JOB_PROCESS_NAME)
+    os.mkdir(temporary_dir, 0o700)
+    os.environ["TMPDIR"] = temporary_dir
+    tempfile.tempdir = None  # computed again from TMPDIR
+    progress.heartbeat_interval = spec["heartbeat_interval"]
+    report = run_handler(JOB_HANDLERS[spec["job_type"]], spec["input_params"], progress)
+    progress.finish()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if report is not None:
+        parent.send({"report": report})
+    os._exit(EXIT_OK)  # threads the handler left behind must not keep the process, and the job, alive
+
+
+def _become_job_process(output):
+    """What a fresh job process would have: its output to ``output``, no stdin, its signal
+    handlers, and random numbers of its own."""
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.dup2(output, 1)
+    os.dup2(output, 2)
+    os.close(devnull)
+    os.close(output)
+    signal.signal(JOB_STOP_SIGNAL, _cancel_job)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _ignore_signal)
+    numpy_random = sys.modules.get("numpy.random")  # warm: seeded once in the launcher
+    if numpy_random is not None:
+        numpy_random.seed()
+
+
+def _read_job(go):
+    """The job, one JSON line on ``go``; the process ends if go closes first (a spare let go)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = os.read(go, 1 << 16)
+        if not chunk:
+            os._exit(EXIT_OK)
+        data += chunk
+    return json.loads(data.decode("utf-8"))
+
+
+def _end_with_the_runner(go):
+    """The runner keeps its end of ``go`` open while the job runs: once it closes, the runner
+    is gone (kill -9 included) or has let the process go, and the process ends at once, with
+    every process the job started. Polled for the hang-up alone, so that the job itself,
+    arriving on go, does not wake this thread."""
+    watch = select.poll()
+    watch.register(go, select.POLLHUP)
+    while not watch.poll():
+        pass
+    os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+# ---- Job isolation: where a job's handler runs, a thread or a job process ---------
+
+STOPPED_BY_SIGNAL = "stopped by a second shutdown signal"
 
 
 class JobExecution:
@@ -2106,545 +2649,6 @@ def describe_exit(returncode):
         hint = " (out of memory? the kernel's OOM killer sends SIGKILL)" if name == "SIGKILL" else ""
         return "was killed by signal %s%s" % (name, hint)
     return "exited with code %s before reporting a result" % returncode
-
-
-def remove_orphaned_job_dirs():
-    """Remove the temporary directories of jobs whose runner died without cleaning up
-    (kill -9): a figpack job's can hold megabytes. Returns how many were removed."""
-    root, removed = tempfile.gettempdir(), 0
-    for name in os.listdir(root):
-        pid = name[len(JOB_TEMP_PREFIX):].split("-")[0]
-        path = os.path.join(root, name)
-        if name.startswith(JOB_TEMP_PREFIX) and pid.isdigit() and not _process_alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True)
-            removed += not os.path.exists(path)
-    return removed
-
-
-def _process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        pass
-    return True
-
-
-# ---- Job processes: the launcher that forks them warm -----------------------------
-#
-# A job process is forked by the launcher: a single-threaded process that the runner starts
-# fresh (fork and exec) at its first job, and that imports this module and the handler
-# modules once. A job process so starts in a millisecond or two instead of an interpreter's
-# 100 ms, with module state as fresh as a new interpreter's (the launcher itself runs no
-# job), and the launcher keeps one forked ahead, waiting for its job: the spare. Once a job
-# type whose handler lists ``warm_modules`` has had a job, the launcher imports them (warm
-# imports, unless --no-warm-imports), so that its later jobs start with them imported.
-#
-# Three pipes join the runner and a job process: ``go`` (the job, then nothing: when it
-# closes, the runner is gone, kill -9 included, and the job's process group ends itself),
-# ``channel`` (progress, the report, and last the launcher's word on how the process
-# ended) and ``output`` (its stdout and stderr).
-
-LAUNCHER_COMMAND = "_launcher"  # hidden command: the launcher process, see JobLauncher
-LAUNCHER_ANSWER_TIMEOUT_S = 60.0  # imports from a cold network file system can be that slow
-LAUNCHER_PROCESS_NAME = "runpack-launch"  # what ps and top show (Linux): at most 15 bytes
-JOB_PROCESS_NAME = "runpack-job"
-
-
-class LauncherUnavailable(Exception):
-    """No job process could be had: the launcher does not start, or cannot fork."""
-
-
-class LauncherGone(Exception):
-    """The launcher ended, or stopped answering, while the runner waited for it."""
-
-
-class JobProcess:
-    """A job process from the runner's side: its pid, and the runner's ends of its pipes,
-    made before the launcher forks it."""
-
-    def __init__(self):
-        self.channel, channel_end = os.pipe()
-        self.output, output_end = os.pipe()
-        go_end, self.go = os.pipe()
-        self.child_ends = [channel_end, output_end, go_end]  # for the launcher, then closed here
-        self.pid = self.temporary_dir = None
-        self.launcher = None  # the launcher's Popen, which alone can say how the process ended
-
-    def close_child_ends(self):
-        while self.child_ends:
-            os.close(self.child_ends.pop())
-
-    def hand_over(self, spec):
-        """Give the waiting process its job; False when it is no longer there to take it."""
-        data = (json.dumps(spec) + "\n").encode("utf-8")
-        try:
-            while data:
-                data = data[os.write(self.go, data):]
-        except BrokenPipeError:
-            return False
-        return True
-
-    def lost_for_good(self):
-        """True once the launcher has died and this process has ended: no exit status comes."""
-        return self.launcher.poll() is not None and not _process_alive(self.pid)
-
-    def release(self):
-        """Let go of the process: closing go ends it, if it still runs. Its launcher removes
-        its temporary directory once it has ended, or the runner does if that launcher is gone."""
-        self.close_child_ends()
-        for descriptor in (self.channel, self.output, self.go):
-            os.close(descriptor)
-        if self.launcher is not None and self.launcher.poll() is not None:
-            shutil.rmtree(self.temporary_dir, ignore_errors=True)
-
-
-class JobLauncher:
-    """The runner's side of the launcher: starts it at the first job and again when it died,
-    asks it to fork job processes, one ahead of need, and hands each its job. Thread-safe:
-    job slots share one launcher."""
-
-    def __init__(self, handler_specs, warm=True, spare=True):
-        self.handler_specs, self.warm, self.keep_spare = handler_specs, warm, spare
-        self.process = self.control = self._answers = None
-        self._spare = None  # a JobProcess asked for, whose answer (its pid) is read when it is taken
-        self._job_types = set()  # the job types that have had a job: a type is warmed up once
-        self._warm_up = []  # job types the launcher is to import the warm_modules of, with the next fork
-        self.warm_types = set()  # job types the running launcher has imported the warm_modules of
-        self._lock = threading.Lock()
-
-    def start_job(self, job_type, spec):
-        """A job process running ``spec``: the spare if there is one, else one forked now."""
-        with self._lock:
-            for _ in range(3):
-                process = self._take_spare() or self._fork()
-                if process.hand_over(spec):
-                    break
-                process.release()  # it died waiting (killed by someone): another one
-            else:
-                raise LauncherUnavailable("job processes die before they get their job")
-            if job_type not in self._job_types:
-                self._job_types.add(job_type)
-                if self.warm and getattr(JOB_HANDLERS.get(job_type), "warm_modules", ()):
-                    self._warm_up.append(job_type)
-                    self._prepare_spare()  # the imports take a while: start them beside this job
-            return process
-
-    def job_ended(self):
-        """Fork the next job's process now, while the runner reports and claims: forked as
-        a job starts, it would take the CPU from that job."""
-        with self._lock:
-            self._prepare_spare()
-
-    def _prepare_spare(self):
-        if self.keep_spare and self._spare is None and self.process is not None:
-            self._spare = self._ask_for_process()
-
-    def rest(self):
-        """Stop the launcher when it keeps nothing warm: an idle runner then costs what it did
-        before its first job. It starts again with the next job."""
-        with self._lock:
-            if not self.warm_types and not self._warm_up:
-                self._stop()
-
-    def close(self):
-        with self._lock:
-            self._stop()
-
-    def _take_spare(self):
-        spare, self._spare = self._spare, None
-        if spare is None:
-            return None
-        try:
-            self._read_pid(spare)
-            return spare
-        except LauncherGone:
-            self._stop()
-        except LauncherUnavailable:  # it could not fork then: maybe it can now
-            pass
-        spare.release()
-        return None
-
-    def _fork(self):
-        """A job process forked now; the launcher is started, or started again once."""
-        for attempt in (1, 2):
-            process = self._ask_for_process()
-            try:
-                self._read_pid(process)
-                return process
-            except LauncherGone as gone:
-                process.release()
-                self._stop()
-                if attempt == 2:
-                    raise LauncherUnavailable("the job launcher stopped twice in a row (%s)" % gone)
-            except LauncherUnavailable:
-                process.release()
-                raise
-
-    def _ask_for_process(self):
-        """Ask the launcher (started if needed) to fork a job process; it answers with its pid."""
-        if self.process is None:
-            self._start()
-        process = JobProcess()
-        warm_up, self._warm_up = self._warm_up, []
-        try:
-            _send_with_descriptors(self.control, {"warm_up": warm_up}, process.child_ends)
-            self.warm_types.update(warm_up)
-        except OSError:
-            pass  # the launcher is gone: reading the answer says so
-        finally:
-            process.close_child_ends()
-        return process
-
-    def _read_pid(self, process):
-        answer = self._read_answer()
-        if "error" in answer:
-            raise LauncherUnavailable("cannot fork a job process: %s" % answer["error"])
-        process.pid, process.temporary_dir, process.launcher = answer["pid"], answer["temporary_dir"], self.process
-
-    def _read_answer(self):
-        try:
-            line = self._answers.readline()
-        except OSError as error:  # socket.timeout included
-            raise LauncherGone("no answer: %s" % (error or type(error).__name__))
-        if not line:
-            returncode = self.process.poll()
-            raise LauncherGone("it is not answering" if returncode is None else "it exited with status %d" % returncode)
-        return json.loads(line.decode("utf-8"))
-
-    def _start(self):
-        import subprocess
-
-        runner_end, launcher_end = socket.socketpair()
-        command = ([sys.executable] + _interpreter_flags()
-                   + [_entry_script(), LAUNCHER_COMMAND, str(launcher_end.fileno()), self.handler_specs])
-        try:
-            self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, pass_fds=(launcher_end.fileno(),),
-                                            start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        except OSError as error:
-            runner_end.close()
-            raise LauncherUnavailable("cannot start the job launcher %s: %s" % (sys.executable, error))
-        finally:
-            launcher_end.close()
-        runner_end.settimeout(LAUNCHER_ANSWER_TIMEOUT_S)
-        self.control, self._answers = runner_end, runner_end.makefile("rb")
-        try:
-            self._read_answer()  # {"ready": true}: the launcher has imported the handler modules
-        except LauncherGone as gone:
-            self._stop()
-            raise LauncherUnavailable("the job launcher did not start: %s (its output above says why)" % gone)
-
-    def _stop(self):
-        """Close the launcher (it exits when its socket closes), and the spare with it."""
-        if self._spare is not None:
-            self._spare.release()
-            self._spare = None
-        if self.process is None:
-            return
-        try:
-            self.control.shutdown(socket.SHUT_WR)  # the launcher's cue to exit
-            self.process.wait(JOB_STOP_GRACE_S)
-        except Exception:  # subprocess.TimeoutExpired: it hangs in an import; OSError: it is gone
-            self.process.kill()
-            self.process.wait()
-        self._answers.close()
-        self.control.close()
-        self.process = self.control = self._answers = None
-        self.warm_types = set()
-
-
-def new_job_launcher(in_process, handler_specs, warm=True, spare=True):
-    """The JobLauncher for job processes; None to run jobs in threads: --in-process, or no fork (Windows)."""
-    if in_process or not hasattr(os, "fork"):
-        return None
-    return JobLauncher(handler_specs, warm, spare)
-
-
-def _interpreter_flags():
-    """The flags of this interpreter that change what a job process imports or how it runs."""
-    flags = sys.flags
-    named = (("-I", flags.isolated), ("-E", flags.ignore_environment), ("-s", flags.no_user_site),
-             ("-B", flags.dont_write_bytecode), ("-P", getattr(flags, "safe_path", False)))
-    options = [flag for flag, is_set in named if is_set] + ["-O"] * flags.optimize
-    options += ["-X", "dev"] * bool(flags.dev_mode) + ["-X", "utf8"] * bool(flags.utf8_mode)
-    return options + ["-W" + option for option in sys.warnoptions]
-
-
-def _entry_script():
-    """The script that started this process, so that the launcher registers the same job
-    types: runpack_runner.py itself, the `runpack` console script, or a vendoring script
-    that registers its own types and then calls main()."""
-    script = sys.argv[0] if sys.argv else ""
-    return os.path.abspath(script) if os.path.isfile(script) else os.path.abspath(__file__)
-
-
-def _send_with_descriptors(connection, message, descriptors):
-    import array
-
-    connection.sendmsg([(json.dumps(message) + "\n").encode("utf-8")],
-                       [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", descriptors))])
-
-
-def _receive_with_descriptors(connection, count):
-    """(message, descriptors) from _send_with_descriptors; (None, []) once the runner is gone.
-    A message is one short line and the runner sends the next only after the answer, so one
-    recvmsg takes it whole."""
-    import array
-
-    descriptors = array.array("i")
-    data, ancillary, _, _ = connection.recvmsg(65536, socket.CMSG_SPACE(count * descriptors.itemsize))
-    for level, kind, payload in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            descriptors.frombytes(payload[:len(payload) - len(payload) % descriptors.itemsize])
-    for descriptor in descriptors:
-        os.set_inheritable(descriptor, False)  # not for the programs a job runs
-    return (json.loads(data.decode("utf-8")) if data else None), list(descriptors)
-
-
-def _name_this_process(name):
-    """Name the process in ps and top (Linux; elsewhere nothing happens)."""
-    try:
-        descriptor = os.open("/proc/self/comm", os.O_WRONLY)
-    except OSError:
-        return
-    try:
-        os.write(descriptor, name.encode())
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
-
-
-def _exit_code(wait_status):
-    """os.waitstatus_to_exitcode, which Python 3.8 lacks."""
-    return -os.WTERMSIG(wait_status) if os.WIFSIGNALED(wait_status) else os.WEXITSTATUS(wait_status)
-
-
-def _cancel_job(signum, frame):
-    raise JobCancelled("stopped by the runner")
-
-
-def _ignore_signal(signum, frame):
-    """SIGTERM/SIGINT for the whole group (systemd, Slurm, Ctrl-C) are for the runner, which
-    finishes the job; a Python handler, unlike SIG_IGN, is not inherited by programs the job runs."""
-
-
-# The launcher's own side: `runpack_runner.py _launcher <socket descriptor> <handler modules>`.
-
-def serve_launcher(control_descriptor, handler_specs):
-    """The launcher process: forks a job process per request until the runner closes the
-    socket or dies. SIGTERM and SIGINT are for the runner, which stops the launcher itself."""
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, _ignore_signal)
-    _name_this_process(LAUNCHER_PROCESS_NAME)
-    control = socket.socket(fileno=int(control_descriptor))
-    try:
-        load_handler_modules(handler_specs)
-    except ConfigurationError as error:
-        print("Error: the job launcher: %s" % error, file=sys.stderr)
-        return EXIT_USAGE
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, datefmt=LOG_DATE_FORMAT)  # for the jobs
-    ForkServer(control).serve()
-    return EXIT_OK
-
-
-class ForkServer:
-    """The launcher's loop: a fork per request; once a job process has ended, its exit
-    status written to its channel and its temporary directory removed (off the runner's
-    way). Single-threaded, so that forking is safe."""
-
-    def __init__(self, control):
-        self.control = control
-        self.runner_pid = os.getppid()
-        self.jobs = {}  # pid of a job process -> (the launcher's copy of its channel, its temporary directory)
-        self.wakeup_reader, self.wakeup_writer = os.pipe()
-
-    def serve(self):
-        os.set_blocking(self.wakeup_reader, False)
-        os.set_blocking(self.wakeup_writer, False)
-        signal.set_wakeup_fd(self.wakeup_writer)
-        signal.signal(signal.SIGCHLD, _ignore_signal)  # a Python handler: SIGCHLD wakes select
-        self._answer({"ready": True})
-        while True:
-            ready, _, _ = select.select([self.control, self.wakeup_reader], [], [])
-            if self.wakeup_reader in ready:
-                while _read_nonblocking(self.wakeup_reader):
-                    pass
-                self._reap()
-            if self.control in ready:
-                request, descriptors = _receive_with_descriptors(self.control, 3)
-                if request is None:
-                    return
-                self._fork(request, descriptors)
-
-    def _answer(self, message):
-        self.control.sendall((json.dumps(message) + "\n").encode("utf-8"))
-
-    def _fork(self, request, descriptors):
-        channel, output, go = descriptors
-        for job_type in request["warm_up"]:
-            self._warm_up(job_type)
-        gc.freeze()  # the job process's collections then leave the launcher's objects, and their pages, alone
-        try:
-            temporary_dir = tempfile.mkdtemp(prefix="%s%d-" % (JOB_TEMP_PREFIX, self.runner_pid))
-            with warnings.catch_warnings():  # 3.12+ warns of a fork in a process that a warm import gave threads
-                warnings.simplefilter("ignore", DeprecationWarning)
-                pid = os.fork()
-        except OSError as error:
-            for descriptor in descriptors:
-                os.close(descriptor)
-            self._answer({"error": str(error)})
-            return
-        if pid == 0:
-            try:
-                os.setpgid(0, 0)
-                self._leave_launcher()
-                serve_job_process(channel, output, go, temporary_dir)
-            finally:
-                os._exit(EXIT_FAILURE)
-        try:
-            os.setpgid(pid, pid)  # as the child does: the group is there before the runner can signal it
-        except OSError:  # the child got there first, or has already ended
-            pass
-        os.close(output)
-        os.close(go)
-        self.jobs[pid] = (channel, temporary_dir)
-        self._answer({"pid": pid, "temporary_dir": temporary_dir})
-
-    def _warm_up(self, job_type):
-        """Import the job type's warm_modules, so that its next jobs start with them; a module
-        that fails to import is the job's to report."""
-        for name in getattr(JOB_HANDLERS.get(job_type), "warm_modules", ()):
-            try:
-                importlib.import_module(name)
-            except Exception:
-                pass
-
-    def _leave_launcher(self):
-        """In a job process just forked: drop what is the launcher's."""
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        self.control.close()
-        for descriptor in [self.wakeup_reader, self.wakeup_writer] + [job[0] for job in self.jobs.values()]:
-            os.close(descriptor)
-
-    def _reap(self):
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            if pid in self.jobs:
-                channel, temporary_dir = self.jobs.pop(pid)
-                _tell_exit_status(channel, _exit_code(status))
-                shutil.rmtree(temporary_dir, ignore_errors=True)
-
-
-def _read_nonblocking(descriptor):
-    try:
-        return os.read(descriptor, 4096)
-    except BlockingIOError:
-        return b""
-
-
-def _tell_exit_status(channel, returncode):
-    """The last message on a job's channel; never blocks the launcher (the process that
-    shared the pipe's blocking mode has ended)."""
-    try:
-        os.set_blocking(channel, False)
-        os.write(channel, (json.dumps({"exit_status": returncode}) + "\n").encode("utf-8"))
-    except OSError:  # the runner stopped listening
-        pass
-    finally:
-        os.close(channel)
-
-
-# The job process's own side, in the child of a fork.
-
-class ParentPipe:
-    """The job process's end of the pipe to the runner: one JSON message per line."""
-
-    def __init__(self, descriptor):
-        self._stream = os.fdopen(descriptor, "w", encoding="utf-8")
-        self._lock = threading.Lock()
-
-    def send(self, message):
-        with self._lock:
-            self._stream.write(json.dumps(message) + "\n")
-            self._stream.flush()
-
-    def __call__(self, progress_current, progress_total, console_output):
-        self.send({"progress_current": progress_current, "progress_total": progress_total,
-                   "console_output": console_output})
-        return True
-
-
-def serve_job_process(channel, output, go, temporary_dir):
-    """A job process, just forked: get ready, wait for the job on ``go``, run its handler,
-    pass progress and the report on ``channel``, exit. JOB_STOP_SIGNAL (the runner stopping
-    the job) raises JobCancelled in the handler, so that its ``finally`` blocks run; SIGKILL
-    follows if it does not end."""
-    _become_job_process(output, temporary_dir)
-    parent = ParentPipe(channel)
-    progress = JobProgress(None)
-    pump = HeartbeatPump(progress, parent, None, JOB_UPDATE_GAP_S, lambda: None)
-    pump.start()
-    threading.Thread(target=_end_with_the_runner, args=(go,), name="runner-line", daemon=True).start()
-    spec = _read_job(go)
-    _name_this_process(JOB_PROCESS_NAME)
-    progress.heartbeat_interval = spec["heartbeat_interval"]
-    report = run_handler(JOB_HANDLERS[spec["job_type"]], spec["input_params"], progress)
-    progress.finish()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if report is not None:
-        parent.send({"report": report})
-    os._exit(EXIT_OK)  # threads the handler left behind must not keep the process, and the job, alive
-
-
-def _become_job_process(output, temporary_dir):
-    """What a fresh job process would have: its output to ``output``, no stdin, its own
-    TMPDIR, its signal handlers, and random numbers of its own."""
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.dup2(output, 1)
-    os.dup2(output, 2)
-    os.close(devnull)
-    os.close(output)
-    os.environ["TMPDIR"] = temporary_dir
-    tempfile.tempdir = None  # computed again from TMPDIR
-    signal.signal(JOB_STOP_SIGNAL, _cancel_job)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, _ignore_signal)
-    numpy_random = sys.modules.get("numpy.random")  # warm: seeded once in the launcher
-    if numpy_random is not None:
-        numpy_random.seed()
-
-
-def _read_job(go):
-    """The job, one JSON line on ``go``; the process ends if go closes first (a spare let go)."""
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = os.read(go, 1 << 16)
-        if not chunk:
-            os._exit(EXIT_OK)
-        data += chunk
-    return json.loads(data.decode("utf-8"))
-
-
-def _end_with_the_runner(go):
-    """The runner keeps its end of ``go`` open while the job runs: once it closes, the runner
-    is gone (kill -9 included) or has let the process go, and the process ends at once, with
-    every process the job started. Polled for the hang-up alone, so that the job itself,
-    arriving on go, does not wake this thread."""
-    watch = select.poll()
-    watch.register(go, select.POLLHUP)
-    while not watch.poll():
-        pass
-    os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
 # ---- The job slot: one claimed job, from custody record to accepted report ------

@@ -315,7 +315,7 @@ def command_figpack(args):
               "its peak RSS from ru_maxrss. runner: %d jobs one after the other through one runner process, "
               "each from add_job at the fake worker until the worker holds the completed result (the runner "
               "polls every 0.05 s); ratio: later jobs / direct. RSS from /proc: the runner's VmRSS idle before "
-              "the first job and after the last; launcher after: the RSS of its other processes then (the "
+              "the first job and after the last; launcher after: the PSS of its other processes then (the "
               "launcher and its spare, figpack warm); job peak RSS: VmHWM of job processes, sampled."
               % (args.repeat, args.jobs))
         if args.json:
@@ -403,13 +403,14 @@ def bench_drain(jobs, latency_s=0.0, flags=()):
 
 
 def bench_idle_memory(settle_s):
-    """RSS of a runner that has registered and polls an empty queue."""
+    """RSS of a runner that has registered and polls an empty queue, and how many processes it has
+    beside itself (none: no launcher before the first job)."""
     with fake_worker_module().FakeWorker() as worker, tempfile.TemporaryDirectory() as state_dir:
         runner = start_runner_process(worker.url, state_dir)
         try:
             wait_for(lambda: worker.count("available") >= 2, 60, "two polls")
             time.sleep(settle_s)
-            return proc_status_kib(runner.pid, "VmRSS")
+            return proc_status_kib(runner.pid, "VmRSS"), len(process_tree(runner.pid)) - 1
         finally:
             runner.terminate()
             runner.wait(60)
@@ -422,6 +423,9 @@ def fake_worker_module():
     return fake_worker
 
 
+DRAIN_MODES = ((), ("--in-process",), ("--concurrency", "4"), ("--concurrency", "4", "--in-process"))
+
+
 def command_core(args):
     print("Runpack runner core benchmark: Python %s, %d cores" % (sys.version.split()[0], os.cpu_count()))
     print("import runpack_runner: %.1f ms" % bench_import(args.repeat))
@@ -429,16 +433,30 @@ def command_core(args):
     run_in_process_ms, _ = bench_local_run(args.repeat, "--in-process")
     print("run hello_world processing_time=0: %.0f ms (--in-process %.0f ms; python3 -c pass %.0f ms)"
           % (run_ms, run_in_process_ms, python_ms))
-    print("runner RSS, idle after registering: %s" % mib(bench_idle_memory(1.0)))
+    rss, children = bench_idle_memory(1.0)
+    print("runner RSS, idle after registering: %s (%d other processes)" % (mib(rss), children))
     rows = []
     for latency_ms in (0, args.latency_ms):
-        for flags in ((), ("--in-process",), ("--concurrency", "4"), ("--concurrency", "4", "--in-process")):
-            rate, per_job = bench_drain(args.jobs, latency_ms / 1000.0, flags)
-            rows.append(["%d ms" % latency_ms, " ".join(flags) or "(defaults)", "%.1f" % rate]
-                        + ["%.2f" % per_job[route] for route in ("available", "claim", "heartbeat", "complete")])
-    print("\nDraining %d instant hello_world jobs (worker latency added to every answer):" % args.jobs)
-    print_table(["latency", "flags", "jobs/s", "polls/job", "claims/job", "heartbeats/job", "reports/job"],
-                rows, left=(0, 1))
+        # the modes take turns, so that a busy spell of this shared machine hits them all alike
+        runs = {flags: [] for flags in DRAIN_MODES}
+        for _ in range(args.drains):
+            for flags in DRAIN_MODES:
+                runs[flags].append(bench_drain(args.jobs, latency_ms / 1000.0, flags))
+        for flags in DRAIN_MODES:
+            rate = median(run[0] for run in runs[flags])
+            in_process = median(run[0] for run in runs[tuple(flags) + ("--in-process",)]) \
+                if "--in-process" not in flags else None
+            rows.append(["%d ms" % latency_ms, " ".join(flags) or "(defaults)", "%.1f" % rate,
+                         "%.2f" % (rate / in_process) if in_process else "-"]
+                        + ["%.2f" % median(run[1][route] for run in runs[flags])
+                           for route in ("available", "claim", "heartbeat", "complete")]
+                        + ["%.1f" % median(run[1][cpu] for run in runs[flags]) for cpu in ("runner_cpu_ms", "worker_cpu_ms")])
+    print("\nDraining %d instant hello_world jobs (worker latency added to every answer; medians of %d drains):"
+          % (args.jobs, args.drains))
+    print_table(["latency", "flags", "jobs/s", "vs --in-process", "polls/job", "claims/job", "heartbeats/job",
+                 "reports/job", "runner CPU ms/job", "worker CPU ms/job"], rows, left=(0, 1))
+    print("\nrunner CPU: the runner, its launcher and every job process, user + system; worker CPU: the fake "
+          "worker, in this process.")
     return 0
 
 
@@ -849,6 +867,7 @@ def build_parser():
         description="The runner's own costs, against the fake worker on 127.0.0.1.")
     core.add_argument("--repeat", type=int, default=5, help="runs of each timing (default 5)")
     core.add_argument("--jobs", type=int, default=200, help="jobs in the drained queue (default 200)")
+    core.add_argument("--drains", type=int, default=3, help="drains of each kind (default 3)")
     core.add_argument("--latency-ms", type=int, default=50,
                       help="delay added to every worker answer in the second drain series (default 50)")
     core.set_defaults(func=command_core)

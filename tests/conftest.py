@@ -88,6 +88,39 @@ def children_of(pid):
     return children
 
 
+def descendants_of(pid):
+    """The pids of the live descendants of ``pid``: children, their children, and so on."""
+    found, generation = [], children_of(pid)
+    while generation:
+        found += generation
+        generation = [grandchild for child in generation for grandchild in children_of(child)]
+    return found
+
+
+def process_name(pid):
+    """What ps shows for ``pid`` (its /proc comm), or None once it is gone."""
+    try:
+        with open("/proc/%d/comm" % pid) as stream:
+            return stream.read().strip()
+    except OSError:
+        return None
+
+
+def job_processes_of(runner_pid):
+    """The runner's processes that run a job: named runpack-job, unlike its launcher and the
+    spare that waits for the next job (runpack-launch)."""
+    return [pid for pid in descendants_of(runner_pid) if process_name(pid) == "runpack-job"]
+
+
+def read_pid(path, timeout=15):
+    """The pid a job wrote to ``path``, once it has."""
+    deadline = time.monotonic() + timeout
+    while not (os.path.exists(path) and open(path).read()):
+        assert time.monotonic() < deadline, "the job never wrote its pid"
+        time.sleep(0.02)
+    return int(open(path).read())
+
+
 def process_exists(pid):
     """True while ``pid`` runs; a zombie is as good as gone."""
     try:

@@ -80,3 +80,36 @@ def leaves_thread(input_params, heartbeat_callback):
 @runpack_runner.job_type("exits")
 def exits(input_params, heartbeat_callback):
     sys.exit(3)
+
+
+RUNS_IN_THIS_PROCESS = {"count": 0}
+
+
+@runpack_runner.job_type("module_state")
+def module_state(input_params, heartbeat_callback):
+    """Counts its runs in a module global: a job process as fresh as a new interpreter says 1."""
+    RUNS_IN_THIS_PROCESS["count"] += 1
+    return {"count": RUNS_IN_THIS_PROCESS["count"], "pid": os.getpid()}
+
+
+@runpack_runner.job_type("forks")
+def forks(input_params, heartbeat_callback):
+    """Forks a child that outlives the job and keeps its pipes open, as a daemon a job starts would."""
+    child = os.fork()
+    if child == 0:
+        time.sleep(input_params.get("seconds", 60))
+        os._exit(0)
+    with open(input_params["pid_file"], "w") as stream:
+        stream.write(str(child))
+    return {"child": child}
+
+
+@runpack_runner.job_type("warm_probe")
+class WarmProbe(runpack_runner.JobHandler):
+    """Says whether its warm module was imported before it started. colorsys: a module that
+    neither the runner nor anything it imports needs."""
+
+    warm_modules = ("colorsys",)
+
+    def execute(self, input_params, heartbeat_callback):
+        return {"warm": "colorsys" in sys.modules}

@@ -25,7 +25,7 @@ import pytest
 np = pytest.importorskip("numpy")
 
 import runpack_runner  # noqa: E402
-from conftest import RunnerProcess, children_of, clean_environment, run_cli, RUNNER_PY, FAST_SETTINGS  # noqa: E402
+from conftest import RunnerProcess, clean_environment, job_processes_of, run_cli, RUNNER_PY, FAST_SETTINGS  # noqa: E402
 from fake_worker import RUNNER_KEY, FakeWorker  # noqa: E402
 from figpack_fixtures import (  # noqa: E402
     STANDINS,
@@ -565,7 +565,7 @@ def test_a_stalled_nwb_server_fails_both_job_types_at_the_time_limit(worker, sta
             assert job["error_message"] == "Job execution failed: timed out after 3 s"
             assert "Loading NWB file from: " + stalled.url in job["console_output"]
         assert stalled.stalled_requests >= 2
-        assert children_of(runner.process.pid) == [], "a timed-out job process is still there"
+        assert job_processes_of(runner.process.pid) == [], "a timed-out job process is still there"
         runner.send(signal.SIGTERM)
         assert runner.wait(timeout=15) == 0, runner.output
         assert api.requests == []

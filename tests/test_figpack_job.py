@@ -18,7 +18,7 @@ import urllib.request
 
 import pytest
 
-from conftest import children_of, require_figpack_extra, run_cli  # noqa: E402
+from conftest import children_of, job_processes_of, process_name, require_figpack_extra, run_cli  # noqa: E402
 
 require_figpack_extra()
 
@@ -219,6 +219,93 @@ def test_raster_plot_job_completes_uploads_the_figure_and_its_cached_result_is_a
     assert len(worker.jobs()) == 2
 
 
+# ---- warm job processes -------------------------------------------------------------------------
+
+# figpack_spike_sorting and lindi are pure Python: a module read from a .py file is not mapped into
+# the process, so /proc/<pid>/maps cannot show them. The compiled extensions they import are mapped:
+# numpy's _multiarray_umath (numpy/_core/ since numpy 2, numpy/core/ before), loaded by the `import
+# numpy` of figpack_spike_sorting.views. Nothing else loads it into the launcher: the runner is
+# standard library only, and its handlers import figpack in the job, not when they are registered.
+NUMPY_EXTENSION = re.compile(r"/numpy/_?core/_multiarray_umath\.\S*\.so$", re.M)
+
+
+def launcher_of(runner):
+    """The pid of the runner's launcher: its one child named runpack-launch (the spare waiting
+    for the next job, named so too, is the launcher's child)."""
+    launchers = [pid for pid in children_of(runner.process.pid) if process_name(pid) == "runpack-launch"]
+    assert len(launchers) == 1, launchers
+    return launchers[0]
+
+
+def has_numpy_loaded(pid):
+    with open("/proc/%d/maps" % pid) as stream:
+        return NUMPY_EXTENSION.search(stream.read()) is not None
+
+
+def comparable_figure(files):
+    """An uploaded figure without what differs from run to run: the stand-in's figpack.json
+    (figure id, URL, times), the timestamp of figpack's manifest.json, and the description,
+    which names the job's dandiset_id. Everything else, the spike data in data.zarr included,
+    is kept byte for byte."""
+    files = dict(files)
+    del files["figpack.json"]
+    manifest = json.loads(files.pop("manifest.json"))
+    del manifest["timestamp"]
+    zmetadata = json.loads(files.pop("data.zarr/.zmetadata"))
+    del zmetadata["metadata"][".zattrs"]["description"]
+    files.update({"manifest.json": manifest, "data.zarr/.zmetadata": zmetadata})
+    return files
+
+
+def test_a_warm_raster_plot_job_uploads_the_same_figure_as_a_cold_one(
+        worker, start_runner, nwb_server, figpack_api, figpack_env, units_file, tmp_path):
+    """A job forked from a launcher that has figpack and lindi imported must upload what a job
+    that imports them itself uploads: the first job of a runner (cold), its next two (warm),
+    and a job of a runner with --no-warm-imports (cold) upload the same figure."""
+    nwb_url, table = nwb_server.url_for("units.nwb"), units_file[1]
+
+    def submit(dandiset_id):  # a distinct dandiset_id each: a new job, not the cached one
+        return worker.add_job(JOB_TYPE, {"nwb_url": nwb_url, "units_path": "/units", "dandiset_id": dandiset_id})
+
+    def uploaded_figure(job_id):
+        worker.wait_until(finished(worker, job_id), timeout=60, message="the figpack job did not finish")
+        job = worker.job(job_id)
+        assert job["status"] == "completed", (job["error_message"], job["console_output"])
+        files = figpack_api.files_for(job["output_data"]["figpack_url"])
+        meta = read_raster_metadata(files)
+        assert (meta["unit_ids"], meta["total_spikes"]) == (table["unit_ids"], table["total_spikes"])
+        assert json.loads(meta["description"])["dandiset_id"] == job["input_params"]["dandiset_id"]
+        return comparable_figure(files)
+
+    runner = start_runner(env=figpack_env)
+    cold = uploaded_figure(submit("000001"))
+    # The first job had the launcher import the warm_modules while it ran; later jobs are forked
+    # from it, as long as it is the same launcher.
+    launcher = launcher_of(runner)
+    worker.wait_until(lambda: has_numpy_loaded(launcher), timeout=60,
+                      message="the launcher did not import figpack_spike_sorting after the first job")
+    warm = [uploaded_figure(submit("000002")), uploaded_figure(submit("000003"))]
+    assert launcher_of(runner) == launcher, "a new, cold launcher forked the later jobs"
+    assert runner.stop() == 0
+
+    # --no-warm-imports: looked at while the job's report hangs, when its launcher is surely there
+    report = worker.add_fault("hang", route="complete")
+    job_id = submit("000004")
+    unwarmed = start_runner("--no-warm-imports", state_dir=tmp_path / "no-warm-state", env=figpack_env)
+    worker.wait_until(lambda: report.hits, timeout=60, message="the job of the --no-warm-imports runner did not end")
+    assert not has_numpy_loaded(launcher_of(unwarmed)), "the launcher imported figpack despite --no-warm-imports"
+    report.release()
+    no_warm = uploaded_figure(job_id)
+    assert unwarmed.stop() == 0
+
+    data_files = [path for path in cold if path.startswith("data.zarr/") and path != "data.zarr/.zmetadata"]
+    assert data_files, "no spike data was uploaded"
+    for figure in warm + [no_warm]:
+        assert sorted(figure) == sorted(cold)
+        for path in sorted(cold):
+            assert figure[path] == cold[path], "%s differs" % path
+
+
 # ---- invalid parameters ------------------------------------------------------------------------
 
 GOOD_URL = "http://127.0.0.1:9/units.nwb"  # never fetched: validation comes first
@@ -342,7 +429,7 @@ def test_a_stalled_nwb_server_fails_the_job_at_the_time_limit_and_the_runner_goe
         worker.wait_until(lambda: status_of(worker, after) == "completed", timeout=15,
                           message="the runner did not take another job after the time limit")
         if "--in-process" not in isolation:
-            assert children_of(runner.process.pid) == [], "the timed-out job process is still there"
+            assert job_processes_of(runner.process.pid) == [], "the timed-out job process is still there"
         runner.send(signal.SIGTERM)
         assert runner.wait(timeout=10) == 0, runner.output
     assert "Runner stopped" in runner.output

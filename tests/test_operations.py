@@ -5,11 +5,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import RUNNER_KEY, RUNNER_PY, TESTS, children_of, clean_environment, process_exists, run_cli
+from conftest import RUNNER_KEY, RUNNER_PY, TESTS, children_of, clean_environment, process_exists, read_pid, run_cli
 
 pytestmark = pytest.mark.slow  # every test starts the runner CLI as a subprocess
 
@@ -18,14 +17,6 @@ HANDLERS = ("--handlers", os.path.join(TESTS, "job_types_for_operations.py"))
 
 def status_of(worker, job_id):
     return worker.job(job_id)["status"]
-
-
-def read_pid(path, timeout=15):
-    deadline = time.monotonic() + timeout
-    while not (os.path.exists(path) and open(path).read()):
-        assert time.monotonic() < deadline, "the job never wrote its pid"
-        time.sleep(0.02)
-    return int(open(path).read())
 
 
 def rss_mib(pid):

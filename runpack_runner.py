@@ -1777,6 +1777,7 @@ class HeartbeatPump(threading.Thread):
         self._progress, self._send, self._wake = progress, send, wake
         self._min_gap = min_gap
         self._interval = None if interval is None else max(interval, min_gap)
+        self._sending = threading.Lock()  # held while a heartbeat is under way
 
     def run(self):
         sent_version, sent_at = 0, time.monotonic()
@@ -1791,10 +1792,21 @@ class HeartbeatPump(threading.Thread):
                 self._progress.wait_for_change(version, due - now)
                 continue
             sent_version, sent_at = version, now
-            if not self._send(current, total, console):
+            with self._sending:
+                if self._progress.finished:
+                    return
+                ours = self._send(current, total, console)
+            if not ours:
                 self._progress.cancel(CLAIM_LOST_MESSAGE)
                 self._wake()
                 return
+
+    def stop(self, timeout):
+        """Once the progress is finished: return when no heartbeat is under way (or after
+        ``timeout`` seconds), and none follows. Quicker than join(), which waits for this
+        thread to wake up and see the end."""
+        if self._sending.acquire(timeout=timeout):
+            self._sending.release()
 
 
 class WorkerHeartbeats:
@@ -2090,8 +2102,7 @@ class JobLauncher:
         import subprocess
 
         runner_end, launcher_end = socket.socketpair()
-        command = ([sys.executable] + _interpreter_flags()
-                   + [_entry_script(), LAUNCHER_COMMAND, str(launcher_end.fileno()), self.handler_specs])
+        command = _launcher_command() + [LAUNCHER_COMMAND, str(launcher_end.fileno()), self.handler_specs]
         try:
             self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, pass_fds=(launcher_end.fileno(),),
                                             start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
@@ -2173,6 +2184,26 @@ def _entry_script():
     that registers its own types and then calls main()."""
     script = sys.argv[0] if sys.argv else ""
     return os.path.abspath(script) if os.path.isfile(script) else os.path.abspath(__file__)
+
+
+# Imports this file as the module runpack_runner, then runs main(): unlike running it as a
+# script, an import uses (and writes, where Python may) its cached bytecode.
+IMPORT_AND_RUN = """\
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("runpack_runner", sys.argv.pop(1))
+module = sys.modules["runpack_runner"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+sys.exit(module.main())
+"""
+
+
+def _launcher_command():
+    """How to start the launcher: the entry script, or, when that is this file, an import of it
+    (the launcher then starts faster and 7 MB lighter, without compiling 3,000 lines)."""
+    script = _entry_script()
+    if os.path.abspath(__file__) == script:
+        return [sys.executable] + _interpreter_flags() + ["-c", IMPORT_AND_RUN, script]
+    return [sys.executable] + _interpreter_flags() + [script]
 
 
 def _send_with_descriptors(connection, message, descriptors):
@@ -2803,7 +2834,7 @@ class JobSlot(threading.Thread):
         finally:
             progress.finish()
         if not self.shutdown.immediate:
-            heartbeats.join(self.settings.request_timeout)  # no heartbeat may follow the report
+            heartbeats.stop(self.settings.request_timeout)  # no heartbeat may follow the report
         if report is not None and report["kind"] == "complete":
             send.finish_progress(progress)
         return report

@@ -148,7 +148,7 @@ SETTINGS = (
     Setting("in_process", "--in-process", "RUNPACK_IN_PROCESS", False, _parse_boolean, "true or false",
             "run jobs in a thread of the runner, not a process each (for debugging)"),
     Setting("no_warm_imports", "--no-warm-imports", "RUNPACK_NO_WARM_IMPORTS", False, _parse_boolean,
-            "true or false", "keep no job type's packages imported between jobs (figpack's: ~100 MB)"),
+            "true or false", "keep no job type's packages imported between jobs (figpack's: ~70 MB)"),
     Setting("once", "--once", "RUNPACK_ONCE", False, _parse_boolean, "true or false",
             "run one job, then exit"),
     Setting("max_jobs", "--max-jobs", "RUNPACK_MAX_JOBS", 0, _parse_count, "a whole number",

@@ -214,7 +214,9 @@ def figpack_through_runner(fake_worker, nwb_url, api, tmpdir, label, mode_flags=
             polls = worker.count("available")
             wait_for(lambda: worker.count("available") >= polls + 3, 30, "the runner to go idle")
             rss_after = proc_status_kib(process.pid, "VmRSS")
-            others_idle = sum(proportional_kib(member) or 0 for member in process_tree(process.pid) - {process.pid})
+            others = process_tree(process.pid) - {process.pid}
+            others_idle = sum(proportional_kib(member) or 0 for member in others)
+            launcher_idle = max([proc_status_kib(member, "VmRSS") or 0 for member in others] or [0])
             rss_peak = proc_status_kib(process.pid, "VmHWM")
             process.send_signal(signal.SIGTERM)
             exit_code = process.wait(60)
@@ -228,7 +230,7 @@ def figpack_through_runner(fake_worker, nwb_url, api, tmpdir, label, mode_flags=
     if exit_code != 0:
         raise RuntimeError("the runner exited %s:\n%s" % (exit_code, output[-3000:]))
     return {"walls_s": walls, "urls": urls, "rss_idle_kib": rss_idle, "rss_after_kib": rss_after,
-            "rss_peak_kib": rss_peak, "others_idle_kib": others_idle,
+            "rss_peak_kib": rss_peak, "others_idle_kib": others_idle, "launcher_idle_kib": launcher_idle,
             "job_process_peak_kib": max(peaks.values()) if peaks else None}
 
 
@@ -285,10 +287,11 @@ def command_figpack(args):
                             check_upload(fixtures, api, job_url, table)
                         runs[mode].append(job)
                         print("  %s #%d %s: jobs %s; runner RSS idle %s, after %s, peak %s; its other processes "
-                              "after %s; job process peak %s" % (
+                              "after: PSS %s, the launcher's RSS %s; job process peak %s" % (
                                   name, repetition + 1, mode, " ".join(seconds(wall) for wall in job["walls_s"]),
                                   mib(job["rss_idle_kib"]), mib(job["rss_after_kib"]), mib(job["rss_peak_kib"]),
-                                  mib(job["others_idle_kib"]), mib(job["job_process_peak_kib"])))
+                                  mib(job["others_idle_kib"]), mib(job["launcher_idle_kib"]),
+                                  mib(job["job_process_peak_kib"])))
                     sys.stdout.flush()
         print()
         rows = []
@@ -306,17 +309,18 @@ def command_figpack(args):
                     "%.2f" % (later / direct),
                     mib(median(job["rss_idle_kib"] for job in jobs)),
                     mib(median(job["rss_after_kib"] for job in jobs)),
-                    mib(median(job["others_idle_kib"] for job in jobs)),
+                    "%s (%s)" % (mib(median(job["others_idle_kib"] for job in jobs)),
+                                 mib(median(job["launcher_idle_kib"] for job in jobs))),
                     mib(job_peak) if job_peak else "(in runner)",
                 ])
         print_table(["table", "spikes", "how", "first job", "later jobs", "ratio", "runner RSS idle",
-                     "after", "launcher after", "job peak RSS"], rows, left=(0, 2))
+                     "after", "launcher after: PSS (RSS)", "job peak RSS"], rows, left=(0, 2))
         print("\nMedians of %d runs. direct: a fresh `python3 -c` doing from_nwb_units_table + show(upload=True), "
               "its peak RSS from ru_maxrss. runner: %d jobs one after the other through one runner process, "
               "each from add_job at the fake worker until the worker holds the completed result (the runner "
               "polls every 0.05 s); ratio: later jobs / direct. RSS from /proc: the runner's VmRSS idle before "
               "the first job and after the last; launcher after: the PSS of its other processes then (the "
-              "launcher and its spare, figpack warm); job peak RSS: VmHWM of job processes, sampled."
+              "launcher and its spare, figpack warm) and the launcher's own RSS; job peak RSS: VmHWM of job processes, sampled."
               % (args.repeat, args.jobs))
         if args.json:
             with open(args.json, "w") as stream:

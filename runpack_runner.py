@@ -2587,7 +2587,7 @@ class ProcessJobExecution(JobExecution):
         """Wait for a wake-up or what the process sends, ``timeout`` seconds at most, and pass
         that on. The job is done once its report is in, or once the process has ended and
         its pipes are closed (or a second later: a process the job started may hold them)."""
-        timeout = self.CHECK_S if timeout is None else min(timeout, self.CHECK_S)
+        timeout = self.CHECK_S if timeout is None else max(0.0, min(timeout, self.CHECK_S))
         ready, _, _ = select.select([self.waker] + self._pipes, [], [], timeout)
         for source in ready:
             if source is self.waker:

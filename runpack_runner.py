@@ -1933,12 +1933,14 @@ JOB_STOP_SIGNAL = getattr(signal, "SIGUSR1", None)
 JOB_TEMP_PREFIX = "runpack-job-"  # then the runner's pid: see remove_orphaned_job_dirs
 LAUNCHER_COMMAND = "_launcher"  # hidden command: the launcher process, see JobLauncher
 LAUNCHER_ANSWER_TIMEOUT_S = 60.0  # imports from a cold network file system can be that slow
+FORK_ATTEMPTS, FORK_RETRY_WAIT_S = 3, 1.0  # then the runner stops: see LauncherUnavailable
 LAUNCHER_PROCESS_NAME = "runpack-launch"  # what ps and top show (Linux): at most 15 bytes
 JOB_PROCESS_NAME = "runpack-job"
 
 
 class LauncherUnavailable(Exception):
-    """No job process could be had: the launcher does not start, or cannot fork."""
+    """No job process could be had: the launcher does not start, or cannot fork. The runner
+    stops rather than fail job after job: the job stays in custody for the next start."""
 
 
 class LauncherGone(Exception):
@@ -2052,20 +2054,21 @@ class JobLauncher:
         return None
 
     def _fork(self):
-        """A job process forked now; the launcher is started, or started again once."""
-        for attempt in (1, 2):
+        """A job process forked now. The launcher is started if need be, and again if it died;
+        a fork that failed (the process limit reached, say) is tried again a second later."""
+        for attempt in range(1, FORK_ATTEMPTS + 1):
             process = self._ask_for_process()
             try:
                 self._read_pid(process)
                 return process
-            except LauncherGone as gone:
+            except (LauncherGone, LauncherUnavailable) as error:
                 process.release()
-                self._stop()
-                if attempt == 2:
-                    raise LauncherUnavailable("the job launcher stopped twice in a row (%s)" % gone)
-            except LauncherUnavailable:
-                process.release()
-                raise
+                if isinstance(error, LauncherGone):
+                    self._stop()
+                elif attempt < FORK_ATTEMPTS:
+                    time.sleep(FORK_RETRY_WAIT_S)
+                if attempt == FORK_ATTEMPTS:
+                    raise LauncherUnavailable("%d attempts in a row failed, the last: %s" % (attempt, error))
 
     def _ask_for_process(self):
         """Ask the launcher (started if needed) to fork a job process; it answers with its pid."""
@@ -2085,18 +2088,26 @@ class JobLauncher:
     def _read_pid(self, process):
         answer = self._read_answer()
         if "error" in answer:
-            raise LauncherUnavailable("cannot fork a job process: %s" % answer["error"])
+            raise LauncherUnavailable("the launcher cannot fork: %s" % answer["error"])
         process.pid, process.temporary_dir, process.launcher = answer["pid"], answer["temporary_dir"], self.process
 
     def _read_answer(self):
         try:
             line = self._answers.readline()
         except OSError as error:  # socket.timeout included
-            raise LauncherGone("no answer: %s" % (str(error) or type(error).__name__))
+            raise LauncherGone("no answer from the launcher: %s" % (str(error) or type(error).__name__))
         if not line:
-            returncode = self.process.poll()
-            raise LauncherGone("it is not answering" if returncode is None else "it exited with status %d" % returncode)
+            raise LauncherGone(self._ending())
         return json.loads(line.decode("utf-8"))
+
+    def _ending(self):
+        """How the launcher ended, once its socket has closed: it exits right after."""
+        import subprocess
+
+        try:
+            return "the launcher exited with status %d" % self.process.wait(JOB_STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            return "the launcher closed its socket"
 
     def _start(self):
         import subprocess
@@ -2117,7 +2128,7 @@ class JobLauncher:
             self._read_answer()  # {"ready": true}: the launcher has imported the handler modules
         except LauncherGone as gone:
             self._stop()
-            raise LauncherUnavailable("the job launcher did not start: %s (its output above says why)" % gone)
+            raise LauncherUnavailable("the job launcher did not start: %s; its output above says why" % gone)
 
     def _stop(self):
         """Close the launcher (it exits when its socket closes), and the spare with it."""
@@ -2575,12 +2586,7 @@ class ProcessJobExecution(JobExecution):
     def start(self):
         spec = {"job_type": self.job_type, "input_params": self.input_params,
                 "heartbeat_interval": self.progress.heartbeat_interval}
-        try:
-            self.process = self.launcher.start_job(self.job_type, spec)
-        except LauncherUnavailable as error:
-            self.report = error_report("Job execution failed: %s" % error, self.progress.console)
-            self._finished()
-            return
+        self.process = self.launcher.start_job(self.job_type, spec)
         self._pipes = [self.process.channel, self.process.output]
 
     def wait(self, timeout):
@@ -2769,6 +2775,7 @@ class JobSlot(threading.Thread):
         self.launcher = launcher  # a JobLauncher, or None: --in-process
         self.shutdown, self.courier, self._on_exit = shutdown, courier, on_exit
         self.fatal = None  # a WorkerKeyRejected that must stop the runner
+        self.cannot_start = None  # a LauncherUnavailable: the runner stops, the job waits for its next start
         self.waker = Waker()
 
     @property
@@ -2781,6 +2788,8 @@ class JobSlot(threading.Thread):
             self._run_job()
         except WorkerKeyRejected as error:
             self.fatal = error
+        except LauncherUnavailable as error:
+            self.cannot_start = error
         except Exception:
             LOG.exception("Unexpected error with job %s; its record stays in %s", self.job_id,
                           self.state.jobs_path)
@@ -2799,7 +2808,12 @@ class JobSlot(threading.Thread):
         record["started_at"] = time.time()
         self.state.save_job(record)
         progress = JobProgress(self.settings.heartbeat_interval)
-        report = self._execute(progress)
+        try:
+            report = self._execute(progress)
+        except LauncherUnavailable:
+            record["attempts"] -= 1  # it never started
+            self.state.save_job(record)
+            raise
         if report is None and progress.cancel_reason == CLAIM_LOST_MESSAGE:
             LOG.warning("Job %s: %s; stopped it and discarded its result", self.job_id, CLAIM_LOST_MESSAGE)
             self.state.forget_job(self.job_id)
@@ -3276,6 +3290,11 @@ class Runner:
         with self._lock:
             self._slots.pop(slot.job_id, None)
             self._fatal = self._fatal or slot.fatal
+            if slot.cannot_start is not None and self._stop_code is None:
+                LOG.error("Cannot start job processes: %s; stopping. Job %s did not start: it runs when "
+                          "the runner starts again with the state directory %s", slot.cannot_start,
+                          slot.job_id, self.state.path)
+                self._stop_code, self._stop_reason = EXIT_FAILURE, "cannot start job processes"
         self.limits.busy()
         self.waker.wake()
 
@@ -3441,10 +3460,13 @@ def run_locally(job_type, input_params, settings, out=None, err=None, hint=lambd
     with contextlib.redirect_stdout(err):  # stdout is for the output JSON (matters --in-process)
         try:
             report = execution.run(settings.job_timeout)
+        except LauncherUnavailable as error:
+            err.write("Error: cannot start a job process: %s\n" % error)
+            return EXIT_FAILURE
         finally:
+            progress.finish()
             if launcher is not None:
                 launcher.close()
-        progress.finish()
         pump.join()
     display.finish(report["body"]["console_output"])
     if report["kind"] == "complete":

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from conftest import TESTS, children_of, descendants_of, job_processes_of, process_exists, process_name, read_pid
+from conftest import (TESTS, children_of, descendants_of, job_processes_of, process_exists, process_name, read_pid,
+                      run_cli)
 
 pytestmark = pytest.mark.slow  # every test starts the runner CLI as a subprocess
 
@@ -101,6 +102,34 @@ def test_an_idle_runner_keeps_its_launcher_only_while_it_keeps_something_warm(wo
 
 
 # ---- the launcher's death and signals, a killed runner -------------------------------------
+
+
+def test_run_says_in_one_line_that_it_cannot_start_a_job_process():
+    breaker = os.path.join(TESTS, "job_types_that_break_the_launcher.py")
+    result = run_cli("run", "module_state", "--handlers", HANDLERS[1] + "," + breaker)
+    assert result.returncode == 1
+    assert "Error: cannot start a job process: the job launcher did not start" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_runner_that_cannot_start_job_processes_stops_and_the_job_runs_at_the_next_start(
+        worker, start_runner):
+    """Failing job after job would turn a broken machine into a sink for the queue: the worker
+    keeps a failure forever."""
+    job_id = worker.add_job("module_state", {})
+    breaker = os.path.join(TESTS, "job_types_that_break_the_launcher.py")
+    broken = start_runner("--handlers", HANDLERS[1] + "," + breaker)
+    assert broken.wait() == 1
+    assert "Cannot start job processes: the job launcher did not start" in broken.output
+    assert "this module does not import in the launcher" in broken.output
+    assert worker.job(job_id)["status"] == "claimed" and worker.job(job_id)["reports"] == []
+    runner = start_runner(*HANDLERS)
+    worker.wait_until(lambda: status_of(worker, job_id) == "completed")
+    assert worker.job(job_id)["output_data"]["count"] == 1
+    assert len(worker.job(job_id)["reports"]) == 1
+    assert "running it again" not in runner.output, "a job that never started counts as one that ran"
+    assert runner.stop() == 0
+
 
 
 def test_a_launcher_killed_mid_drain_loses_no_job_and_the_job_it_had_started_goes_on(

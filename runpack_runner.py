@@ -1911,13 +1911,14 @@ def run_handler(handler, input_params, progress):
 
 # ---- Job processes: the launcher that forks them warm -----------------------------
 #
-# A job process is forked by the launcher: a single-threaded process that the runner starts
-# fresh (fork and exec) at its first job, and that imports this module and the handler
-# modules once. A job process so starts in a millisecond or two instead of an interpreter's
-# 100 ms, with module state as fresh as a new interpreter's (the launcher itself runs no
-# job), and the launcher keeps one forked ahead, waiting for its job: the spare. Once a job
-# type whose handler lists ``warm_modules`` has had a job, the launcher imports them (warm
-# imports, unless --no-warm-imports), so that its later jobs start with them imported.
+# A job process is forked by the launcher: a process that the runner starts fresh (fork and
+# exec) at its first job, and that imports this module and the handler modules once. A job
+# process so starts in a millisecond or two instead of an interpreter's 100 ms, with module
+# state as fresh as a new interpreter's (the launcher itself runs no job), and the launcher
+# keeps one forked ahead, waiting for its job: the spare. Once a job type whose handler
+# lists ``warm_modules`` has had a job, the launcher imports them (warm imports, unless
+# --no-warm-imports), so that its later jobs start with them imported. An idle runner stops
+# the launcher unless it keeps something warm.
 #
 # Three pipes join the runner and a job process: ``go`` (the job, then nothing: when it
 # closes, the runner is gone, kill -9 included, and the job's process group ends itself),
@@ -2290,7 +2291,8 @@ def serve_launcher(control_descriptor, handler_specs):
 class ForkServer:
     """The launcher's loop: a fork per request; once a job process has ended, its exit
     status written to its channel and its temporary directory removed (off the runner's
-    way). Single-threaded, so that forking is safe."""
+    way). One thread runs Python here, so that forking is safe: no lock can be held by
+    another (native thread pools that a warm import starts, like numpy's, handle a fork)."""
 
     def __init__(self, control):
         self.control = control

@@ -4,10 +4,12 @@
 Commands:
   core      the runner's own costs: import time, a local run, idle memory, and draining a queue
             of instant jobs (requests per job, jobs per second, with and without worker latency,
-            one job at a time and four at once, job processes and --in-process).
+            one job at a time and four at once, job processes and --in-process, the ratio of the
+            two, and the CPU a job costs).
   figpack   the figpack_nwb_raster_plot job type: real figpack + lindi, called directly in a fresh
-            interpreter versus run as a job by the real runner CLI against the fake worker; wall
-            time and the runner's memory. Needs the figpack extra and h5py.
+            interpreter versus run as jobs by the real runner CLI against the fake worker, the
+            first job cold and later ones warm (or not: --no-warm-imports, --in-process); wall
+            time and the memory of the runner and its launcher. Needs the figpack extra and h5py.
   fleet     many runners on one queue: draining it with one runner versus eight (jobs per second,
             lost claims, polls, 429s), how a fleet comes back after a worker outage (spread, not
             lockstep), how soon an idle runner picks a single job up, with and without the
@@ -320,7 +322,8 @@ def command_figpack(args):
               "each from add_job at the fake worker until the worker holds the completed result (the runner "
               "polls every 0.05 s); ratio: later jobs / direct. RSS from /proc: the runner's VmRSS idle before "
               "the first job and after the last; launcher after: the PSS of its other processes then (the "
-              "launcher and its spare, figpack warm) and the launcher's own RSS; job peak RSS: VmHWM of job processes, sampled."
+              "launcher and its spare, figpack warm) and the launcher's own RSS; job peak RSS: VmHWM of job "
+              "processes, sampled."
               % (args.repeat, args.jobs))
         if args.json:
             with open(args.json, "w") as stream:
@@ -454,7 +457,8 @@ def command_core(args):
                          "%.2f" % (rate / in_process) if in_process else "-"]
                         + ["%.2f" % median(run[1][route] for run in runs[flags])
                            for route in ("available", "claim", "heartbeat", "complete")]
-                        + ["%.1f" % median(run[1][cpu] for run in runs[flags]) for cpu in ("runner_cpu_ms", "worker_cpu_ms")])
+                        + ["%.1f" % median(run[1][cpu] for run in runs[flags])
+                           for cpu in ("runner_cpu_ms", "worker_cpu_ms")])
     print("\nDraining %d instant hello_world jobs (worker latency added to every answer; medians of %d drains):"
           % (args.jobs, args.drains))
     print_table(["latency", "flags", "jobs/s", "vs --in-process", "polls/job", "claims/job", "heartbeats/job",

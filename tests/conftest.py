@@ -106,10 +106,21 @@ def process_name(pid):
         return None
 
 
+LAUNCHER_NAME = "runpack-launch"  # the launcher, and the spare it forked for the next job
+
+
 def job_processes_of(runner_pid):
     """The runner's processes that run a job: named runpack-job, unlike its launcher and the
     spare that waits for the next job (runpack-launch)."""
     return [pid for pid in descendants_of(runner_pid) if process_name(pid) == "runpack-job"]
+
+
+def launcher_of(runner):
+    """The pid of the runner's launcher: its one child named runpack-launch (the spare, named
+    so too, is the launcher's child)."""
+    launchers = [pid for pid in children_of(runner.process.pid) if process_name(pid) == LAUNCHER_NAME]
+    assert len(launchers) == 1, "the runner's launchers: %s" % launchers
+    return launchers[0]
 
 
 def read_pid(path, timeout=15):

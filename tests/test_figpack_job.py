@@ -18,7 +18,7 @@ import urllib.request
 
 import pytest
 
-from conftest import children_of, job_processes_of, process_name, require_figpack_extra, run_cli  # noqa: E402
+from conftest import job_processes_of, launcher_of, require_figpack_extra, run_cli  # noqa: E402
 
 require_figpack_extra()
 
@@ -227,14 +227,6 @@ def test_raster_plot_job_completes_uploads_the_figure_and_its_cached_result_is_a
 # numpy` of figpack_spike_sorting.views. Nothing else loads it into the launcher: the runner is
 # standard library only, and its handlers import figpack in the job, not when they are registered.
 NUMPY_EXTENSION = re.compile(r"/numpy/_?core/_multiarray_umath\.\S*\.so$", re.M)
-
-
-def launcher_of(runner):
-    """The pid of the runner's launcher: its one child named runpack-launch (the spare waiting
-    for the next job, named so too, is the launcher's child)."""
-    launchers = [pid for pid in children_of(runner.process.pid) if process_name(pid) == "runpack-launch"]
-    assert len(launchers) == 1, launchers
-    return launchers[0]
 
 
 def has_numpy_loaded(pid):

@@ -9,13 +9,12 @@ import time
 
 import pytest
 
-from conftest import (TESTS, children_of, descendants_of, job_processes_of, process_exists, process_name, read_pid,
-                      run_cli)
+from conftest import (LAUNCHER_NAME, TESTS, children_of, descendants_of, job_processes_of, launcher_of,
+                      process_exists, process_name, read_pid, run_cli)
 
 pytestmark = pytest.mark.slow  # every test starts the runner CLI as a subprocess
 
 HANDLERS = ("--handlers", os.path.join(TESTS, "job_types_for_operations.py"))
-LAUNCHER_NAME = "runpack-launch"  # the launcher, and the spare it forked for the next job
 JOB_NUMBERS = itertools.count()
 
 
@@ -36,14 +35,7 @@ def run_jobs(worker, job_type, params_list, timeout=30):
     return outputs
 
 
-def launcher_of(runner):
-    """The runner's launcher process (its child named runpack-launch), or None."""
-    launchers = [pid for pid in children_of(runner.process.pid) if process_name(pid) == LAUNCHER_NAME]
-    assert len(launchers) <= 1, launchers
-    return launchers[0] if launchers else None
-
-
-def wait_until_idle(worker, runner):
+def wait_until_idle(worker):
     polls = worker.count("available")
     worker.wait_until(lambda: worker.count("available") >= polls + 2)
 
@@ -88,16 +80,16 @@ def test_a_job_types_warm_modules_are_imported_for_its_later_jobs_not_its_first(
 def test_an_idle_runner_keeps_its_launcher_only_while_it_keeps_something_warm(worker, start_runner, tmp_path):
     runner = start_runner(*HANDLERS)
     run_jobs(worker, "module_state", [{}])
-    wait_until_idle(worker, runner)
+    wait_until_idle(worker)
     assert children_of(runner.process.pid) == [], "an idle runner with nothing warm keeps its launcher"
     run_jobs(worker, "warm_probe", [{}])
-    wait_until_idle(worker, runner)
-    assert launcher_of(runner) is not None, "the launcher keeping warm_probe warm was stopped"
+    wait_until_idle(worker)
+    launcher_of(runner)  # the launcher keeping warm_probe warm is still there
     assert runner.stop() == 0
 
     cold = start_runner(*(HANDLERS + ("--no-warm-imports",)), state_dir=tmp_path / "cold")
     run_jobs(worker, "warm_probe", [{}])
-    wait_until_idle(worker, cold)
+    wait_until_idle(worker)
     assert children_of(cold.process.pid) == []
 
 
@@ -146,7 +138,7 @@ def test_a_launcher_killed_mid_drain_loses_no_job_and_the_job_it_had_started_goe
     assert not process_exists(job_pid)
     worker.wait_until(lambda: sum(status_of(worker, job_id) == "completed" for job_id in queued) >= 8, timeout=30)
     second_launcher = launcher_of(runner)
-    assert second_launcher not in (None, first_launcher)
+    assert second_launcher != first_launcher
     os.kill(second_launcher, signal.SIGKILL)
     worker.wait_until(lambda: all(status_of(worker, job_id) == "completed" for job_id in queued), timeout=30)
     assert all(len(worker.job(job_id)["reports"]) == 1 for job_id in [running] + queued)

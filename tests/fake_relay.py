@@ -95,6 +95,9 @@ class RelayFault(object):
         self.hits = 0
         self.released = threading.Event()
 
+    def matches(self, record):
+        return self.route == record.route
+
     def release(self):
         self.released.set()
 
@@ -118,7 +121,6 @@ class FakeRelay(_HTTPService):
         self._published = []
         self._drops_left = 0
         self._held = 0
-        self._faults = []
 
     def _close(self):
         _HTTPService._close(self)
@@ -186,15 +188,7 @@ class FakeRelay(_HTTPService):
         Kinds: "status" (options status=500, body={"error": "Internal error"}), "garbage" (200 HTML),
         "hang" (no answer until release() or stop, then a reset), "reset".  Returns the fault.
         """
-        fault = RelayFault(kind, route, times, options)
-        with self._lock:
-            self._faults.append(fault)
-        return fault
-
-    def clear_faults(self):
-        """Forget faults not used up yet (requests already hanging keep hanging until release or stop)."""
-        with self._lock:
-            del self._faults[:]
+        return self._add_fault(RelayFault(kind, route, times, options))
 
     # ---- Serving a request ----------------------------------------------------
 
@@ -211,7 +205,7 @@ class FakeRelay(_HTTPService):
                               handler.headers.get("Authorization"), body, time.monotonic())
         with self._lock:
             self._records.append(record)
-        fault = self._take_fault(route)
+        fault = self._take_fault(record)
         try:
             if fault is not None:
                 self._inject(handler, record, fault)
@@ -228,18 +222,6 @@ class FakeRelay(_HTTPService):
             with self._lock:
                 self._internal_errors.append(details)
             self._send(handler, record, _Reply(500, {"error": "Fake relay bug", "details": details}))
-
-    def _take_fault(self, route):
-        with self._lock:
-            for fault in self._faults:
-                if fault.route == route:
-                    fault.hits += 1
-                    if fault.remaining is not None:
-                        fault.remaining -= 1
-                        if fault.remaining == 0:
-                            self._faults.remove(fault)
-                    return fault
-        return None
 
     def _inject(self, handler, record, fault):
         if fault.kind == "status":

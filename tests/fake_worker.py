@@ -350,12 +350,13 @@ class _Incoming(object):
 
 
 class _HTTPService(object):
-    """Lifecycle and request recording shared by FakeWorker and RecordingServer."""
+    """Lifecycle, request recording and fault injection shared by FakeWorker, FakeRelay and RecordingServer."""
 
     def __init__(self):
         self._lock = threading.RLock()
         self._records = []
         self._internal_errors = []
+        self._faults = []
         self._server = None
         self.port = None
 
@@ -441,6 +442,31 @@ class _HTTPService(object):
                                                                   timeout, self.describe()))
             time.sleep(0.02)
 
+    # faults, for the services that inject them
+
+    def _add_fault(self, fault):
+        with self._lock:
+            self._faults.append(fault)
+        return fault
+
+    def clear_faults(self):
+        """Forget faults not used up yet (requests already hanging keep hanging until release or stop)."""
+        with self._lock:
+            del self._faults[:]
+
+    def _take_fault(self, record):
+        """The first fault whose ``matches(record)`` holds, counted as used once; None if none does."""
+        with self._lock:
+            for fault in self._faults:
+                if fault.matches(record):
+                    fault.hits += 1
+                    if fault.remaining is not None:
+                        fault.remaining -= 1
+                        if fault.remaining == 0:
+                            self._faults.remove(fault)
+                    return fault
+        return None
+
     def describe(self, last_requests=25):
         """Human-readable state, for a failed wait: the last requests (services say more)."""
         with self._lock:
@@ -523,7 +549,6 @@ class FakeWorker(_HTTPService):
         self._jobs = {}         # job_id -> row
         self._sequence = itertools.count()      # creation order, to break created_at ties
         self._runners = {}      # runner_id -> row
-        self._faults = []
         self._windows = _FixedWindows()
         self._publish_errors = []
 
@@ -624,15 +649,7 @@ class FakeWorker(_HTTPService):
 
         `job_id` narrows the match to one job's requests.  Returns the Fault (for `release()`).
         """
-        fault = Fault(kind, route, times, after, job_id, options)
-        with self._lock:
-            self._faults.append(fault)
-        return fault
-
-    def clear_faults(self):
-        """Forget faults not used up yet (requests already hanging keep hanging until release or stop)."""
-        with self._lock:
-            del self._faults[:]
+        return self._add_fault(Fault(kind, route, times, after, job_id, options))
 
     def reset_rate_limits(self):
         self._windows.clear()
@@ -709,18 +726,6 @@ class FakeWorker(_HTTPService):
         return job
 
     # ---- The fake worker: serving a request (faults, checks, routes) ----------
-
-    def _take_fault(self, record):
-        with self._lock:
-            for fault in self._faults:
-                if fault.matches(record):
-                    fault.hits += 1
-                    if fault.remaining is not None:
-                        fault.remaining -= 1
-                        if fault.remaining == 0:
-                            self._faults.remove(fault)
-                    return fault
-        return None
 
     def _serve(self, handler, incoming):
         record = incoming.record

@@ -2199,8 +2199,10 @@ def _entry_script():
 
 
 # Imports this file as the module runpack_runner, then runs main(): unlike running it as a
-# script, an import uses (and writes, where Python may) its cached bytecode.
+# script, an import uses (and writes, where Python may) its cached bytecode. Its first line is
+# what `ps` shows after `python3 -c`.
 IMPORT_AND_RUN = """\
+# runpack-runner job launcher: imports runpack_runner.py, then runs main()
 import importlib.util, sys
 spec = importlib.util.spec_from_file_location("runpack_runner", sys.argv.pop(1))
 module = sys.modules["runpack_runner"] = importlib.util.module_from_spec(spec)

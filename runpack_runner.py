@@ -20,6 +20,7 @@ import argparse
 import codecs
 import collections
 import contextlib
+import errno
 import gc
 import importlib
 import importlib.util
@@ -116,6 +117,34 @@ def _parse_positive_count(text):
     return value
 
 
+ANY_NETWORK = "any"  # --allow-job-network any: jobs may reach every address
+
+
+def _parse_networks(text):
+    """--allow-job-network: networks jobs may reach besides public addresses, or ANY_NETWORK."""
+    words = [word.strip() for word in text.split(",") if word.strip()]
+    if [word.lower() for word in words] == [ANY_NETWORK]:
+        return ANY_NETWORK
+    return tuple(ipaddress.ip_network(word, strict=False) for word in words)
+
+
+SIZE_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+MIN_JOB_MEMORY_LIMIT = 64 << 20  # a job process with figpack imported holds about that before it starts
+
+
+def _parse_size(text):
+    """A size such as 512M or 4G (powers of 1024, as Slurm's --mem reads them), in bytes; 0: none."""
+    match = re.match(r"\s*(\d+(?:\.\d+)?)\s*([kmgt])i?b?\s*$", text, re.IGNORECASE)
+    if text.strip() == "0":
+        return 0
+    if not match:
+        raise ValueError(text)
+    value = int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
+    if value < MIN_JOB_MEMORY_LIMIT:
+        raise ValueError(text)
+    return value
+
+
 def _parse_boolean(text):
     if isinstance(text, bool):
         return text
@@ -147,6 +176,13 @@ SETTINGS = (
             "a whole number from 1", "jobs run at once, each in its own process"),
     Setting("in_process", "--in-process", "RUNPACK_IN_PROCESS", False, _parse_boolean, "true or false",
             "run jobs in a thread of the runner, not a process each (for debugging)"),
+    Setting("allow_job_network", "--allow-job-network", "RUNPACK_ALLOW_JOB_NETWORKS", (), _parse_networks,
+            "a list of networks such as 10.1.0.0/16 (or any)",
+            "networks jobs may reach besides public addresses, comma-separated CIDRs; any: no guard"),
+    Setting("job_memory_limit", "--job-memory-limit", "RUNPACK_JOB_MEMORY_LIMIT", None, _parse_size,
+            "a size from 64M such as 512M or 4G (0: no limit)",
+            "memory a job may use, such as 512M or 4G (0: no limit; default: a share of this "
+            "machine's memory per slot)"),
     Setting("no_warm_imports", "--no-warm-imports", "RUNPACK_NO_WARM_IMPORTS", False, _parse_boolean,
             "true or false", "keep no job type's packages imported between jobs (figpack's: ~70 MB)"),
     Setting("once", "--once", "RUNPACK_ONCE", False, _parse_boolean, "true or false",
@@ -172,9 +208,10 @@ SETTINGS = (
 )
 SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
 RUNNER_SETTINGS = tuple(setting.name for setting in SETTINGS)
-RUN_SETTINGS = ("heartbeat_interval", "job_timeout", "in_process", "handlers")
+RUN_SETTINGS = ("heartbeat_interval", "job_timeout", "in_process", "handlers", "allow_job_network",
+                "job_memory_limit")
 CHECK_SETTINGS = ("worker_url", "state_dir", "request_timeout", "handlers", "allow_insecure_http",
-                  "notify_relay_url")
+                  "notify_relay_url", "concurrency", "allow_job_network", "job_memory_limit")
 RUN_HEARTBEAT_INTERVAL_S = 1.0  # `run` refreshes the terminal, not a worker: it can be quick
 
 
@@ -200,6 +237,10 @@ def _metavar(setting):
         return "SECONDS"
     if setting.parse in (_parse_count, _parse_positive_count):
         return "N"
+    if setting.parse is _parse_networks:
+        return "CIDR[,CIDR...]"
+    if setting.parse is _parse_size:
+        return "SIZE"
     return setting.kind.split()[-1].upper()
 
 
@@ -1842,6 +1883,349 @@ class WorkerHeartbeats:
         return ours
 
 
+# ---- What a job may use: the network guard and the memory limit --------------------
+#
+# A job's parameters are chosen by whoever submits it, and Neurosift lets anyone on the
+# internet do that: without limits, a job could be pointed at the services of the runner's
+# own machine and network, or at a file large enough to exhaust the node's memory. So each
+# job process, before its handler runs, takes two limits that the job cannot lift:
+#   - the network guard: every connection a Python socket of the job makes is checked on the
+#     address it is about to reach, at that moment, after any name was resolved: names, odd
+#     spellings of an address, redirects and DNS rebinding all come down to that address.
+#     Public addresses are allowed; the machine itself and the networks it sits in are not,
+#     unless the operator allows them with --allow-job-network;
+#   - the memory limit (--job-memory-limit), with setrlimit: a job over it gets a
+#     MemoryError, instead of the kernel's OOM killer choosing a victim on the node.
+# Neither applies with --in-process, where jobs share the runner's process and its sockets.
+
+# Addresses that are not on the public internet: the machine itself, the networks it sits
+# in, and ranges that reach nobody in particular. Jobs may not reach them unless allowed.
+DENIED_NETWORKS = tuple(ipaddress.ip_network(network) for network in (
+    "0.0.0.0/8",  # "this network": 0.0.0.0 reaches the machine itself
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",  # private (RFC 1918)
+    "100.64.0.0/10",  # carrier-grade NAT
+    "127.0.0.0/8",  # loopback
+    "169.254.0.0/16",  # link-local, the cloud metadata service (169.254.169.254) among them
+    "192.0.0.0/24", "192.0.2.0/24", "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24",  # protocols, tests
+    "224.0.0.0/4", "240.0.0.0/4",  # multicast; reserved, broadcast among them
+    "::/96",  # unspecified (::), loopback (::1) and the old IPv4-compatible form
+    "64:ff9b:1::/48", "100::/64", "2001::/23", "2001:db8::/32",  # local NAT64, discard, protocols, tests
+    "fc00::/7", "fe80::/10", "fec0::/10",  # unique-local, link-local, site-local
+    "ff00::/8",  # multicast
+))
+NAT64_NETWORK = ipaddress.ip_network("64:ff9b::/96")  # reaches the IPv4 address in its last 32 bits
+DENIED_KINDS = ("loopback, private (RFC 1918), carrier-grade NAT, link-local and cloud metadata, "
+                "IPv6 unique-local and link-local, multicast, reserved, and this machine's own addresses")
+
+
+def reached_address(address):
+    """The address a connection to ``address`` reaches: the IPv4 address inside an IPv4-mapped,
+    NAT64 or 6to4 IPv6 address, else the address itself."""
+    if address.version == 4:
+        return address
+    if address.ipv4_mapped or address.sixtofour:
+        return address.ipv4_mapped or address.sixtofour
+    if address in NAT64_NETWORK:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return address
+
+
+def show_address(ip):
+    """An address as people write it: an IPv4-mapped one as ::ffff:127.0.0.1 on every Python."""
+    mapped = ip.version == 6 and ip.ipv4_mapped
+    return "::ffff:%s" % mapped if mapped else str(ip)
+
+
+def machine_addresses():
+    """This machine's own addresses, as networks (Linux, from /proc; none elsewhere): a job
+    must not reach the services that listen on them, public addresses included."""
+    found = []
+    try:
+        with open("/proc/net/fib_trie") as stream:  # "|-- 198.51.100.7" then "/32 host LOCAL"
+            node = None
+            for words in (line.split() for line in stream):
+                if words[:1] == ["|--"]:
+                    node = words[1]
+                elif words[-2:] == ["host", "LOCAL"] and node:
+                    found.append(ipaddress.ip_network(node + words[0], strict=False))
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/proc/net/if_inet6") as stream:  # the address in 32 hex digits, then more
+            found += [ipaddress.ip_network(ipaddress.IPv6Address(int(line.split()[0], 16))) for line in stream]
+    except (OSError, ValueError, IndexError):
+        pass
+    return found
+
+
+class NetworkPolicy:
+    """Which addresses a job may connect to: public addresses and the networks the operator
+    allowed (--allow-job-network), or any address at all (``any``)."""
+
+    def __init__(self, allowed=(), own_addresses=machine_addresses):
+        self.any = allowed == ANY_NETWORK
+        self.allowed = () if self.any else tuple(allowed)
+        self._own_addresses = own_addresses  # called once, at the first public address
+        self._own = None
+
+    def permits(self, address):
+        if self.any:
+            return True
+        reached = reached_address(address)
+        if any(candidate in network for network in self.allowed for candidate in (address, reached)):
+            return True
+        if any(reached in network for network in DENIED_NETWORKS):
+            return False
+        if self._own is None:
+            self._own = self._own_addresses()
+        return not any(reached in network for network in self._own)
+
+    def as_setting(self):
+        """What --allow-job-network says, to pass the policy on to a job process."""
+        return ANY_NETWORK if self.any else ",".join(str(network) for network in self.allowed)
+
+    def describe(self):
+        if self.any:
+            return "any address (--allow-job-network any): no network guard"
+        allowed = ", ".join(str(network) for network in self.allowed)
+        return "public addresses%s; not %s (--allow-job-network)" % (
+            " and " + allowed if allowed else "", DENIED_KINDS)
+
+
+class JobNetworkDenied(BaseException):
+    """A job connected to an address its runner does not let jobs reach. A BaseException,
+    like JobCancelled, so that a library's retry loop (``except Exception``) does not try
+    again and again; however a library reports it, the job fails with this one line. The
+    wording is the same for every denied address, so that the error tells nothing of it."""
+
+    def __init__(self, host, address):
+        super().__init__(host, address)
+        self.host, self.address = host, address
+
+    def __str__(self):
+        return ("%s resolves to %s, which jobs on this runner may not reach (allow it with "
+                "--allow-job-network)" % (self.host, show_address(self.address)))
+
+
+INET_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+SPECIAL_HOSTS = {"": "0.0.0.0", "<broadcast>": "255.255.255.255"}  # as Python's socket module reads them
+
+
+class NetworkGuard:
+    """The network guard of one job process: wraps the methods of Python's socket class that
+    take an address to reach (connect, connect_ex, sendto, sendmsg), so that each is checked
+    against the policy before a byte is sent, and connects to the very address it checked: a
+    name is resolved here, once. It also wraps getaddrinfo, to name the host an address came
+    from. What it cannot see: sockets made outside Python's socket class (a C extension's
+    own), and other programs the job starts."""
+
+    def __init__(self, policy, resolve=socket.getaddrinfo):
+        self.policy = policy
+        self.resolve = resolve  # socket.getaddrinfo, or a stand-in in tests
+        self.names = {}  # address -> the host name last resolved to it
+        self.denial = None  # the first connection refused: the job's error
+
+    def install(self):
+        """Wrap the socket class for the rest of this process: a job process's alone."""
+        socket.socket.connect = self._guarded(socket.socket.connect, 0)
+        socket.socket.connect_ex = self._guarded(socket.socket.connect_ex, 0)
+        socket.socket.sendto = self._guarded(socket.socket.sendto, -1)
+        socket.socket.sendmsg = self._guarded(socket.socket.sendmsg, 3)
+        resolve = socket.getaddrinfo
+
+        def getaddrinfo(host, *args, **kwargs):
+            answers = resolve(host, *args, **kwargs)
+            for answer in answers:
+                self.names[answer[4][0]] = host.decode("idna") if isinstance(host, bytes) else host
+            return answers
+        socket.getaddrinfo = getaddrinfo
+
+    def _guarded(self, method, position):
+        """``method`` with its address argument (at ``position``; -1: the last) checked."""
+        def guarded(sock, *args):
+            index = position if position >= 0 else len(args) + position
+            if sock.family in INET_FAMILIES and 0 <= index < len(args):
+                args = args[:index] + (self.checked(sock.family, sock.type, args[index]),) + args[index + 1:]
+            return method(sock, *args)
+        guarded.__name__, guarded.__doc__ = method.__name__, method.__doc__
+        return guarded
+
+    def checked(self, family, kind, address):
+        """The address to use in place of ``address``: the same, in the standard spelling of
+        the IP address it reaches, or JobNetworkDenied."""
+        host, port = address[0], address[1]
+        if isinstance(host, bytes):
+            host = host.decode("idna")
+        text = SPECIAL_HOSTS.get(host, host)
+        try:
+            ip = ipaddress.ip_address(text.split("%")[0])
+            if "%" not in text:
+                address = (str(ip),) + tuple(address[1:])
+        except ValueError:  # a name, or an address spelled as only the C library reads it (127.1)
+            answers = self.resolve(host, port, family, kind)
+            if not answers:
+                raise socket.gaierror(socket.EAI_NONAME, "no address for %s" % host)
+            address = answers[0][4]
+            ip = ipaddress.ip_address(address[0].split("%")[0])
+        if not self.policy.permits(ip):
+            self._deny(self.names.get(str(ip), host), ip)
+        return address
+
+    def _deny(self, host, ip):
+        denial = JobNetworkDenied(host, ip)
+        if self.denial is None:
+            self.denial = denial
+        raise denial
+
+
+# The memory limit counts what the kernel counts as a process's data (RLIMIT_DATA): what it
+# allocates and may write, whether it has touched it yet or not. It leaves out what the address
+# space (RLIMIT_AS) counts too and a job never fills: libraries' code, and the large areas that
+# glibc and OpenBLAS reserve for their threads.
+MEMORY_RLIMIT_NAME = "RLIMIT_DATA"
+MEMORY_SHARE = 0.75  # of the runner's memory, shared among the slots: the rest is the system's
+DEFAULT_MEMORY_FLOOR = 1 << 30  # on a small machine, a job type's measured peak still fits
+
+
+def default_job_memory_limit(concurrency):
+    """MEMORY_SHARE of the memory this runner may use (the machine's, or less where a
+    cgroup, such as a Slurm allocation or a container, limits it), shared among the slots,
+    and at least DEFAULT_MEMORY_FLOOR; 0 (none) where the memory cannot be read."""
+    available = available_memory()
+    if not available:
+        return 0
+    return max(int(available * MEMORY_SHARE) // concurrency, DEFAULT_MEMORY_FLOOR)
+
+
+def available_memory():
+    """The memory this runner may use: the machine's physical memory, or the limit of its
+    cgroup (v2, or v1) when lower; None where that cannot be read."""
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+    limits = [physical]
+    try:
+        with open("/proc/self/cgroup") as stream:
+            for line in stream:
+                _, controllers, path = line.rstrip("\n").split(":", 2)
+                if controllers == "":
+                    limits.append(_read_number("/sys/fs/cgroup%s/memory.max" % path))
+                elif "memory" in controllers.split(","):
+                    limits.append(_read_number("/sys/fs/cgroup/memory%s/memory.limit_in_bytes" % path))
+    except (OSError, ValueError):
+        pass
+    return min(limit for limit in limits if limit)
+
+
+def _read_number(path):
+    """The number in a file such as memory.max; None for "max", or a file not there."""
+    try:
+        with open(path) as stream:
+            return int(stream.read())
+    except (OSError, ValueError):
+        return None
+
+
+def describe_size(size):
+    """400 MiB, 4 GiB, 1.5 GiB."""
+    if size >= 1 << 30:
+        return "%s GiB" % ("%.1f" % (size / (1 << 30))).rstrip("0").rstrip(".")
+    return "%d MiB" % round(size / (1 << 20))
+
+
+class JobLimits:
+    """What a job process may use: its network policy and its memory limit (bytes; 0: none).
+    Made in the runner from the settings, passed on with each job, applied in the job process
+    before its handler runs; it then also explains a failure that one of them caused."""
+
+    def __init__(self, network=ANY_NETWORK, memory_limit=0, memory_source=""):
+        self.network = network if isinstance(network, NetworkPolicy) else NetworkPolicy(network)
+        self.memory_limit = memory_limit
+        self.memory_source = memory_source  # how the default was reached, for the operator
+        self.guard = None
+
+    @classmethod
+    def from_settings(cls, settings):
+        if settings.job_memory_limit is not None:
+            return cls(settings.allow_job_network, settings.job_memory_limit)
+        slots = getattr(settings, "concurrency", 1)
+        memory_limit, available = default_job_memory_limit(slots), available_memory()
+        source = ("the default: %d%% of %s over %d slot%s" % (MEMORY_SHARE * 100, describe_size(available), slots,
+                                                              "s" * (slots != 1)) if available else "")
+        return cls(settings.allow_job_network, memory_limit, source)
+
+    def as_spec(self):
+        return {"allow_job_network": self.network.as_setting(), "memory_limit": self.memory_limit}
+
+    @classmethod
+    def from_spec(cls, spec):
+        return cls(_parse_networks(spec["allow_job_network"]), spec["memory_limit"])
+
+    def apply(self):
+        """In a job process, before the handler runs: lower the memory limit, guard the network."""
+        if self.memory_limit:
+            import resource
+
+            kind = getattr(resource, MEMORY_RLIMIT_NAME)
+            _, hard = resource.getrlimit(kind)
+            limit = self.memory_limit if hard == resource.RLIM_INFINITY else min(hard, self.memory_limit)
+            resource.setrlimit(kind, (limit, limit))  # the hard limit too: the job cannot raise it
+        if not self.network.any:
+            self.guard = NetworkGuard(self.network)
+            self.guard.install()
+
+    def explain(self, error, input_params):
+        """The error message for a job that failed with ``error`` because of a limit, else None."""
+        if self.guard is not None and self.guard.denial is not None:
+            denial = self.guard.denial
+            parameter = _parameter_with_host(input_params, denial.host)
+            return "%s%s" % (parameter + ": " if parameter else "", denial)
+        if self.memory_limit and _out_of_memory(error):
+            return "Job exceeded its memory limit of %s (--job-memory-limit)" % describe_size(self.memory_limit)
+        return None
+
+    def describe_memory(self):
+        if not self.memory_limit:
+            return "none"
+        limit = "%s per job" % describe_size(self.memory_limit)
+        return "%s (%s; --job-memory-limit)" % (limit, self.memory_source) if self.memory_source else limit
+
+
+def describe_job_limits(limits, in_job_processes):
+    """(log level, line) for each thing an operator should know of the limits jobs run under."""
+    if not in_job_processes:
+        return [(logging.WARNING, "Jobs run in the runner's own process (--in-process): neither the "
+                                  "network guard nor the memory limit applies to them")]
+    lines = [(logging.INFO, "Jobs may reach %s" % limits.network.describe()),
+             (logging.INFO, "Job memory limit: %s" % limits.describe_memory())]
+    if limits.network.any:
+        lines[0] = (logging.WARNING, "Jobs may reach any address this machine can, its own services and "
+                                     "the networks it sits in included (--allow-job-network any)")
+    return lines
+
+
+def _parameter_with_host(input_params, host):
+    """The name of the URL parameter that names ``host``, else of the only URL parameter (a
+    redirect led elsewhere), else None."""
+    urls = {name: value for name, value in input_params.items() if isinstance(value, str) and _is_http_url(value)}
+    for name, url in sorted(urls.items()):
+        if (urllib.parse.urlsplit(url).hostname or "").lower() == host.lower():
+            return name
+    return next(iter(urls)) if len(urls) == 1 else None
+
+
+def _out_of_memory(error):
+    """Whether ``error``, or an error that led to it, is an allocation that failed."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, MemoryError) or isinstance(error, OSError) and error.errno == errno.ENOMEM:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 # ---- Reports: what a handler's end becomes --------------------------------------
 
 def error_report(message, console, details=None):
@@ -1890,17 +2274,21 @@ def fallback_report(report, refusal):
     return None
 
 
-def run_handler(handler, input_params, progress):
-    """Call a handler and turn whatever happens into a report; None once the runner gave it up."""
+def run_handler(handler, input_params, progress, limits=None):
+    """Call a handler and turn whatever happens into a report; None once the runner gave it up.
+    ``limits``, the JobLimits applied to this process, explain the failures they cause."""
     try:
         result = handler.execute(input_params, progress)
     except JobCancelled as cancelled:
         if progress.cancelled:
             return None
         return error_report("Job execution failed: %s" % (str(cancelled) or "JobCancelled"), progress.console)
-    except ValueError as error:
-        return error_report("Invalid parameters: %s" % error, progress.console)
     except BaseException as error:  # SystemExit and KeyboardInterrupt from a handler fail its job too
+        explained = limits and limits.explain(error, input_params)
+        if explained:
+            return error_report(explained, progress.console)
+        if isinstance(error, ValueError):
+            return error_report("Invalid parameters: %s" % error, progress.console)
         details = traceback.format_exc()
         console = progress.console
         text = str(error) if isinstance(error, Exception) else ("%s %s" % (type(error).__name__, error)).strip()
@@ -1993,8 +2381,9 @@ class JobLauncher:
     asks it to fork job processes, one ahead of need, and hands each its job. Thread-safe:
     job slots share one launcher."""
 
-    def __init__(self, handler_specs, warm=True, spare=True):
+    def __init__(self, handler_specs, limits, warm=True, spare=True):
         self.handler_specs, self.warm, self.keep_spare = handler_specs, warm, spare
+        self.limits = limits  # the JobLimits each job process applies
         self.process = self.control = self._answers = None
         self._spare = None  # a JobProcess asked for, whose answer (its pid) is read when it is taken
         self._job_types = set()  # the job types that have had a job: a type is warmed up once
@@ -2003,7 +2392,9 @@ class JobLauncher:
         self._lock = threading.Lock()
 
     def start_job(self, job_type, spec):
-        """A job process running ``spec``: the spare if there is one, else one forked now."""
+        """A job process running ``spec`` under the limits: the spare if there is one, else
+        one forked now."""
+        spec = dict(spec, limits=self.limits.as_spec())
         with self._lock:
             for _ in range(3):
                 process = self._take_spare() or self._fork()
@@ -2150,11 +2541,11 @@ class JobLauncher:
         self.warm_types = set()
 
 
-def new_job_launcher(in_process, handler_specs, warm=True, spare=True):
+def new_job_launcher(in_process, handler_specs, limits, warm=True, spare=True):
     """The JobLauncher for job processes; None to run jobs in threads: --in-process, or no fork (Windows)."""
     if in_process or not hasattr(os, "fork"):
         return None
-    return JobLauncher(handler_specs, warm, spare)
+    return JobLauncher(handler_specs, limits, warm, spare)
 
 
 def remove_orphaned_job_dirs():
@@ -2444,7 +2835,9 @@ def serve_job_process(channel, output, go, temporary_dir):
     os.environ["TMPDIR"] = temporary_dir
     tempfile.tempdir = None  # computed again from TMPDIR
     progress.heartbeat_interval = spec["heartbeat_interval"]
-    report = run_handler(JOB_HANDLERS[spec["job_type"]], spec["input_params"], progress)
+    limits = JobLimits.from_spec(spec["limits"])
+    limits.apply()
+    report = run_handler(JOB_HANDLERS[spec["job_type"]], spec["input_params"], progress, limits)
     progress.finish()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -2661,6 +3054,10 @@ class ProcessJobExecution(JobExecution):
             return self.report
         ending = ("ended before reporting a result; how is unknown, its launcher had stopped"
                   if self.returncode is None else describe_exit(self.returncode))
+        memory_limit = self.launcher.limits.memory_limit
+        if memory_limit and self.returncode in CRASH_CODES:  # a library that does not check its allocations
+            ending += "; it may have run out of its memory limit of %s (--job-memory-limit)" % describe_size(
+                memory_limit)
         return error_report("Job execution failed: the job process %s" % ending, self.progress.console)
 
     def cleanup(self):
@@ -2682,6 +3079,9 @@ def _signal_group(pid, signum):
         os.killpg(pid, signum)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+CRASH_CODES = tuple(-getattr(signal, name) for name in ("SIGSEGV", "SIGABRT", "SIGBUS") if hasattr(signal, name))
 
 
 def describe_exit(returncode):
@@ -3045,7 +3445,9 @@ class Runner:
         self.pacer = PollPacer()
         self.idle_log = IdleLog()
         self.relay = relay  # a RelayClient, or None
-        self.launcher = new_job_launcher(settings.in_process, settings.handlers, not settings.no_warm_imports)
+        self.job_limits = JobLimits.from_settings(settings)
+        self.launcher = new_job_launcher(settings.in_process, settings.handlers, self.job_limits,
+                                         not settings.no_warm_imports)
         self.job_types = []
         self._look_again = False  # a new-job notice came since the last poll
         self._after_notice = False  # this round's poll answers a notice
@@ -3071,6 +3473,8 @@ class Runner:
         if not self.job_types:
             LOG.error("This runner can run none of its job types; stopping")
             return EXIT_USAGE
+        for level, line in describe_job_limits(self.job_limits, self.launcher is not None):
+            LOG.log(level, "%s", line)
         try:
             try:
                 self._sleep_until_limit(random.uniform(0, min(START_JITTER_MAX_S, self.settings.poll_interval / 10)))
@@ -3456,7 +3860,11 @@ def run_locally(job_type, input_params, settings, out=None, err=None, hint=lambd
         return EXIT_FAILURE
     progress = JobProgress(settings.heartbeat_interval)
     waker = Waker()
-    launcher = new_job_launcher(settings.in_process, settings.handlers, warm=False, spare=False)
+    limits = JobLimits.from_settings(settings)
+    launcher = new_job_launcher(settings.in_process, settings.handlers, limits, warm=False, spare=False)
+    for level, line in describe_job_limits(limits, launcher is not None):
+        if level >= logging.WARNING:
+            err.write("Warning: %s\n" % line)
     execution = make_execution(launcher, job_type, input_params, progress, waker)
     display = TerminalProgress(err, job_type)
     pump = HeartbeatPump(progress, display, settings.heartbeat_interval, 0.1, waker.wake)
@@ -3583,6 +3991,9 @@ def command_check(args, environ, out=None):
                        % "; ".join("%s %s" % (", ".join(names), verdict) for verdict, names in verdicts if names))
     if not serving:
         checklist.problem("Job types", "this runner could serve none")
+    for level, line in describe_job_limits(JobLimits.from_settings(settings), new_job_launcher(
+            False, settings.handlers, None) is not None):
+        checklist.line("Job limits", line)
     if checklist.problems:
         checklist.line("Result", "NOT READY: fix %s" % ", ".join(checklist.problems))
         return EXIT_FAILURE

@@ -15,6 +15,9 @@ Commands:
             lockstep), how soon an idle runner picks a single job up, with and without the
             NotifyRelay push wake-up (the fake relay from tests/), and how many claims a fleet
             woken by one notice loses (the herd).
+  limits    what the network guard and the memory limit of job processes cost: a TCP connect to
+            127.0.0.1 with and without the guard (in µs), and the small raster-plot job through
+            the runner with the guard and the limit, without the guard, and without the limit.
   video     the figpack_nwb_video_preview job type's own cost, the part before show() (opening the
             NWB file over HTTP Range, reading up to 1000 frames, scaling them to uint8 RGB): wall
             time and peak memory on a synthetic 1000-frame 240x320 video, grayscale and RGB, versus
@@ -152,7 +155,8 @@ def figpack_environment(api_url, tmpdir):
            if not key.startswith(("RUNPACK_", "FIGPACK_")) and key.lower() not in (
                "http_proxy", "https_proxy", "all_proxy")}
     env.update(FIGPACK_API_KEY=FIGPACK_KEY, FIGPACK_API_BASE_URL=api_url, NO_PROXY="127.0.0.1,localhost",
-               no_proxy="127.0.0.1,localhost", TMPDIR=tmpdir, PYTHONDONTWRITEBYTECODE="1")
+               no_proxy="127.0.0.1,localhost", TMPDIR=tmpdir, PYTHONDONTWRITEBYTECODE="1",
+               RUNPACK_ALLOW_JOB_NETWORKS="127.0.0.1/32")  # the NWB server and the figpack API stand-in
     return env
 
 
@@ -853,6 +857,88 @@ def command_video(args):
     return 0
 
 
+# ---- limits: the network guard's and the memory limit's cost ---------------------------------------
+
+# Run in a fresh interpreter, which the guard then wraps for good: connects to a listening socket on
+# 127.0.0.1, by address, unguarded, then guarded (the network allowed), then by the name localhost.
+CONNECT_COST_SCRIPT = """\
+import json, socket, sys, threading, time
+sys.path.insert(0, sys.argv[1])
+import runpack_runner as rr
+count = int(sys.argv[2])
+server = socket.create_server(("127.0.0.1", 0), backlog=count)
+port = server.getsockname()[1]
+def accept():
+    while True:
+        connection, _ = server.accept()
+        connection.close()
+threading.Thread(target=accept, daemon=True).start()
+def per_connect(host):
+    best = None
+    for _ in range(5):
+        started = time.perf_counter()
+        for _ in range(count):
+            socket.create_connection((host, port)).close()
+        elapsed = (time.perf_counter() - started) / count
+        best = elapsed if best is None else min(best, elapsed)
+    return best * 1e6
+result = {"unguarded_us": per_connect("127.0.0.1"), "unguarded_name_us": per_connect("localhost")}
+rr.NetworkGuard(rr.NetworkPolicy(rr._parse_networks("127.0.0.1/32"))).install()
+result.update(guarded_us=per_connect("127.0.0.1"), guarded_name_us=per_connect("localhost"))
+print(json.dumps(result))
+"""
+
+LIMIT_MODES = {"guard and memory limit (defaults)": (),
+               "no guard (--allow-job-network any)": ("--allow-job-network", "any"),
+               "no memory limit (--job-memory-limit 0)": ("--job-memory-limit", "0")}
+
+
+def bench_connect_cost(connects):
+    run = subprocess.run([sys.executable, "-c", CONNECT_COST_SCRIPT, REPO, str(connects)],
+                         stdout=subprocess.PIPE, universal_newlines=True, check=True, timeout=600)
+    return json.loads(run.stdout)
+
+
+def command_limits(args):
+    cost = bench_connect_cost(args.connects)
+    print("TCP connect + close to 127.0.0.1, best of 5 x %d, Python %s:" % (args.connects, sys.version.split()[0]))
+    print_table(["connect to", "unguarded", "guarded", "guard's cost"], [
+        [label, "%.1f µs" % cost["unguarded" + key], "%.1f µs" % cost["guarded" + key],
+         "%+.1f µs" % (cost["guarded" + key] - cost["unguarded" + key])]
+        for label, key in (("127.0.0.1", "_us"), ("localhost (resolved)", "_name_us"))])
+    sys.path.insert(0, TESTS)
+    try:
+        import fake_worker
+        import figpack_fixtures as fixtures
+        import figpack_spike_sorting  # noqa: F401  (only to fail early)
+    except ImportError as error:
+        print("Error: %s; install the figpack extra: pip install '.[figpack]'" % error, file=sys.stderr)
+        return 2
+    workdir = tempfile.mkdtemp(prefix="runpack-bench-")
+    try:
+        data = os.path.join(workdir, "data")
+        os.mkdir(data)
+        fixtures.make_units_nwb(os.path.join(data, "small.nwb"), n_units=20, spikes_per_unit=200, seed=1)
+        walls = {mode: [] for mode in LIMIT_MODES}
+        with fixtures.RangeFileServer(data) as nwb_server, \
+                fixtures.FigpackApiStandIn(expected_api_key=FIGPACK_KEY) as api:
+            url = nwb_server.url_for("small.nwb")
+            for repetition in range(args.repeat):
+                for mode, flags in LIMIT_MODES.items():  # interleaved, so that drift falls on every mode
+                    job = figpack_through_runner(fake_worker, url, api, workdir, "limits-%d-%d" % (
+                        repetition, len(walls[mode])), flags, args.jobs)
+                    walls[mode] += job["walls_s"][1:]
+        reference = median(walls["no guard (--allow-job-network any)"])
+        print("\nfigpack_nwb_raster_plot, 20 units x 200 spikes, later (warm) jobs through the runner, "
+              "%d runs x %d jobs:" % (args.repeat, args.jobs - 1))
+        print_table(["how", "median", "vs no guard"], [
+            [mode, seconds(median(values)), "%+.1f%%" % (100 * (median(values) / reference - 1))]
+            for mode, values in walls.items()], left=(0,))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
 # ---- command line ------------------------------------------------------------------------------
 
 def build_parser():
@@ -892,6 +978,14 @@ def build_parser():
                        help="the idle runner's poll interval in the pickup series (default 5)")
     fleet.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
     fleet.set_defaults(func=command_fleet)
+    limits = commands.add_parser(
+        "limits", help="the cost of the network guard and of the memory limit of job processes",
+        description="A guarded TCP connect against an unguarded one, and the small raster-plot job through "
+                    "the runner with and without the guard and the memory limit, all on 127.0.0.1.")
+    limits.add_argument("--connects", type=int, default=2000, help="connects per timing (default 2000)")
+    limits.add_argument("--repeat", type=int, default=3, help="runner runs of each kind (default 3)")
+    limits.add_argument("--jobs", type=int, default=6, help="jobs per runner run (default 6)")
+    limits.set_defaults(func=command_limits)
     video = commands.add_parser(
         "video", help="the video preview before show(): time and peak memory, ours versus the deployed formula",
         description="Read and scale the first 1000 frames of a synthetic NWB ImageSeries served on 127.0.0.1, "

@@ -1,6 +1,7 @@
 """Offline stand-ins for the figpack raster-plot job type.
 
-Everything here listens on 127.0.0.1 only and uses the standard library
+Everything here listens on loopback only (127.0.0.1 by default; any address of
+127.0.0.0/8 as ``host``, all of it local on Linux) and uses the standard library
 (h5py / numpy are imported lazily, inside ``make_units_nwb``), so importing
 this module is cheap and works where the figpack extra is not installed.
 
@@ -28,6 +29,7 @@ this module is cheap and works where the figpack extra is not installed.
 Python 3.8 compatible.
 """
 
+import ipaddress
 import json
 import os
 import re
@@ -53,6 +55,7 @@ __all__ = [
     "RASTER_SCRIPT",
 ]
 
+DEFAULT_HOST = "127.0.0.1"
 _QUIET_ERRORS = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError, socket.timeout)
 
 
@@ -204,9 +207,13 @@ class _LoopbackServerBase(object):
 
     _handler_class = None  # set by subclasses
 
-    def __init__(self, stall=False, stall_after=0):
+    def __init__(self, stall=False, stall_after=0, host=DEFAULT_HOST):
+        # host: the loopback address to listen on and to name in ``url``.
         # stall: when true, connections are accepted but never answered
         # (after ``stall_after`` requests have been answered normally).
+        if not ipaddress.ip_address(str(host)).is_loopback:
+            raise ValueError("a stand-in listens on loopback only, not on %s" % (host,))
+        self.host = str(host)
         self.stall = bool(stall)
         self.stall_after = int(stall_after)
         self.requests = []          # [{"method", "path", "headers"}] in arrival order
@@ -223,7 +230,7 @@ class _LoopbackServerBase(object):
         if self._httpd is not None:
             return self
         self._release.clear()
-        httpd = _QuietServer(("127.0.0.1", 0), self._handler_class)
+        httpd = _QuietServer((self.host, 0), self._handler_class)
         httpd.owner = self
         self._httpd = httpd
         self._port = httpd.server_address[1]
@@ -262,7 +269,7 @@ class _LoopbackServerBase(object):
 
     @property
     def url(self):
-        return "http://127.0.0.1:%d" % self.port
+        return "http://%s:%d" % (self.host, self.port)
 
     def set_stall(self, stall=True, after=0):
         """Switch stalling on/off. ``after``: answer this many more requests first."""
@@ -426,7 +433,7 @@ class _RangeHandler(_BaseHandler):
 
 
 class RangeFileServer(_LoopbackServerBase):
-    """Serve the files of ``directory`` on 127.0.0.1 with HTTP Range support.
+    """Serve the files of ``directory`` on ``host`` (127.0.0.1) with HTTP Range support.
 
     GET/HEAD; ``Range: bytes=a-b`` / ``a-`` / ``-n`` -> 206 + Content-Range;
     unsatisfiable -> 416; no Range -> 200 with Content-Length (lindi requires a
@@ -441,8 +448,8 @@ class RangeFileServer(_LoopbackServerBase):
 
     _handler_class = _RangeHandler
 
-    def __init__(self, directory, stall=False, stall_after=0):
-        _LoopbackServerBase.__init__(self, stall=stall, stall_after=stall_after)
+    def __init__(self, directory, stall=False, stall_after=0, host=DEFAULT_HOST):
+        _LoopbackServerBase.__init__(self, stall=stall, stall_after=stall_after, host=host)
         self.directory = str(directory)
         self.bytes_served = 0
         self._count_lock = threading.Lock()
@@ -520,7 +527,7 @@ class _ApiHandler(_BaseHandler):
 
 
 class FigpackApiStandIn(_LoopbackServerBase):
-    """The figpack upload API (server-signed mode) on 127.0.0.1, in memory.
+    """The figpack upload API (server-signed mode) on ``host`` (127.0.0.1), in memory.
 
     POST /figures/create    -> {"success", "figure": {"figureUrl", "status": "pending", ...}}
     POST /upload            -> {"success", "mode": "server-signed",
@@ -546,8 +553,8 @@ class FigpackApiStandIn(_LoopbackServerBase):
 
     _handler_class = _ApiHandler
 
-    def __init__(self, expected_api_key=None, stall=False, stall_after=0):
-        _LoopbackServerBase.__init__(self, stall=stall, stall_after=stall_after)
+    def __init__(self, expected_api_key=None, stall=False, stall_after=0, host=DEFAULT_HOST):
+        _LoopbackServerBase.__init__(self, stall=stall, stall_after=stall_after, host=host)
         self.expected_api_key = expected_api_key
         self.figures = {}
         self.figure_info = {}
@@ -777,7 +784,7 @@ def run_raster_subprocess(nwb_url, api_url, units_path="units", title="test rast
     """Run RasterPlot.from_nwb_units_table + show(upload=True) in ``sys.executable``.
 
     The child gets FIGPACK_API_BASE_URL=api_url, FIGPACK_API_KEY=api_key,
-    NO_PROXY for loopback, and (if given) TMPDIR/HOME. Returns a dict:
+    NO_PROXY for loopback and the hosts of both URLs, and (if given) TMPDIR/HOME. Returns a dict:
     {"returncode", "stdout", "stderr", "elapsed_s", "result"} where "result" is
     the parsed RESULT line ({"url", "import_s", "read_s", "show_s",
     "maxrss_kb"}) or None. Raises subprocess.TimeoutExpired after ``timeout``
@@ -789,7 +796,8 @@ def run_raster_subprocess(nwb_url, api_url, units_path="units", title="test rast
         env.pop(k, None)
     for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "all_proxy"):
         env.pop(k, None)
-    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    hosts = {"127.0.0.1", "localhost"} | {urlsplit(url).hostname or "127.0.0.1" for url in (nwb_url, api_url)}
+    env["NO_PROXY"] = env["no_proxy"] = ",".join(sorted(hosts))
     env["FIGPACK_API_BASE_URL"] = api_url
     if api_key is not None:
         env["FIGPACK_API_KEY"] = api_key

@@ -2,7 +2,9 @@
 
 The real h5py, lindi, numpy and figpack run inside the real runner CLI against the fake worker;
 the NWB files are served over HTTP Range by RangeFileServer and the figures are uploaded to
-FigpackApiStandIn, all on 127.0.0.1. figpack_experimental and figpack_nwb, which are not on our
+FigpackApiStandIn, both on 127.0.0.2: loopback that stands for a network the operator lets jobs
+reach (RUNPACK_ALLOW_JOB_NETWORKS=127.0.0.2/32), while the fake worker, on 127.0.0.1, is reached
+by the runner alone. figpack_experimental and figpack_nwb, which are not on our
 package index, are the stand-ins of figpack_extension_standins/, put on the job's sys.path through
 PYTHONPATH in the runner's environment only: their views record what they were given in the figure
 they upload (read_view_record).
@@ -42,6 +44,8 @@ RASTER = "figpack_nwb_raster_plot"
 FIGPACK_KEY = "figpack-key-for-tests-0123456789"
 STAMP = r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] "
 PROCESS_OUTPUT_MARKER = "[runpack: output of the job process]"
+JOB_HOST = "127.0.0.2"  # where the stand-ins a job reaches listen: loopback, stands for an allowed network
+JOB_NETWORK = JOB_HOST + "/32"  # all that jobs may reach besides public addresses; not 127.0.0.1
 WORKING = os.path.join(STANDINS, "working")
 BROKEN_EXTENSION = os.path.join(STANDINS, "broken_extension")
 BROKEN_FIGPACK = os.path.join(STANDINS, "broken_figpack")
@@ -83,9 +87,11 @@ def assert_console_lines(console, texts):
 
 
 def figpack_environment(api_url, job_tmp, *path):
-    """The environment of a runner that uploads to the stand-in API, with ``path`` on PYTHONPATH."""
+    """The environment of a runner that uploads to the stand-in API, with ``path`` on PYTHONPATH,
+    whose jobs may reach the stand-ins' network (and public addresses) only."""
+    no_proxy = "127.0.0.1,%s,localhost" % JOB_HOST
     env = {"FIGPACK_API_KEY": FIGPACK_KEY, "FIGPACK_API_BASE_URL": api_url, "TMPDIR": str(job_tmp),
-           "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+           "RUNPACK_ALLOW_JOB_NETWORKS": JOB_NETWORK, "NO_PROXY": no_proxy, "no_proxy": no_proxy}
     if path:
         env["PYTHONPATH"] = os.pathsep.join(path)
     return env
@@ -268,8 +274,8 @@ def batch(tmp_path_factory):
     for made in (data, job_tmp, state):
         made.mkdir()
     write_batch_files(str(data))
-    with FakeWorker(rate_limit=10 ** 6) as worker, RangeFileServer(data) as files, \
-            FigpackApiStandIn(expected_api_key=FIGPACK_KEY) as api:
+    with FakeWorker(rate_limit=10 ** 6) as worker, RangeFileServer(data, host=JOB_HOST) as files, \
+            FigpackApiStandIn(expected_api_key=FIGPACK_KEY, host=JOB_HOST) as api:
         urls = {"VIDEO_URL": files.url_for("video.nwb"), "POSE_URL": files.url_for("pose.nwb")}
         params = {name: (job_type, {key: urls.get(value, value) for key, value in given.items()})
                   for name, (job_type, given) in BATCH.items()}
@@ -553,7 +559,8 @@ def test_check_and_a_local_run_say_which_package_fails_to_import_and_how_to_inst
 @pytest.mark.slow
 @needs_figpack
 def test_a_stalled_nwb_server_fails_both_job_types_at_the_time_limit(worker, start_runner, tmp_path):
-    with RangeFileServer(tmp_path, stall=True) as stalled, FigpackApiStandIn() as api:
+    with RangeFileServer(tmp_path, stall=True, host=JOB_HOST) as stalled, \
+            FigpackApiStandIn(host=JOB_HOST) as api:
         stuck = [worker.add_job(VIDEO, {"nwb_url": stalled.url_for("video.nwb"), "image_series_path": "/a"}),
                  worker.add_job(POSE, {"nwb_url": stalled.url_for("pose.nwb"), "path": "/a"})]
         runner = start_runner("--job-timeout", "3", "--concurrency", "2",

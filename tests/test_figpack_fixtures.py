@@ -122,6 +122,26 @@ def test_range_file_server_stall_after(tmp_path):
         assert _http("GET", fs.url_for("a.bin"))[0] == 200
 
 
+def test_a_server_given_another_loopback_host_listens_there_alone_and_names_it_in_its_urls(tmp_path):
+    (tmp_path / "a.bin").write_bytes(b"z" * 10)
+    with RangeFileServer(tmp_path, host="127.0.0.2") as fs, FigpackApiStandIn(host="127.0.0.2") as api:
+        assert fs.url_for("a.bin") == "http://127.0.0.2:%d/a.bin" % fs.port
+        assert api.url == "http://127.0.0.2:%d" % api.port
+        assert _http("GET", fs.url_for("a.bin"))[2] == b"z" * 10
+        status, ans = _post_json(api.url + "/figures/create", {"title": "t"})
+        assert status == 200 and ans["figure"]["figureUrl"].startswith("http://127.0.0.2:%d/" % api.port)
+        with pytest.raises(ConnectionRefusedError):  # not on 127.0.0.1, the default host
+            socket.create_connection(("127.0.0.1", fs.port), timeout=2).close()
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.1", "::"])
+def test_a_server_refuses_a_host_that_is_not_loopback(tmp_path, host):
+    with pytest.raises(ValueError, match="loopback only"):
+        RangeFileServer(tmp_path, host=host)
+    with pytest.raises(ValueError, match="loopback only"):
+        FigpackApiStandIn(host=host)
+
+
 # ---------------------------------------------------------------- FigpackApiStandIn
 
 def test_api_stand_in_protocol_by_hand():

@@ -1,8 +1,10 @@
 """The figpack_nwb_raster_plot job type, end to end and without mocks.
 
 The real figpack, figpack_spike_sorting and lindi run inside the real runner CLI. The NWB file
-is served over HTTP Range by RangeFileServer and figures are uploaded to FigpackApiStandIn; both,
-like the fake worker, listen on 127.0.0.1 only.
+is served over HTTP Range by RangeFileServer and figures are uploaded to FigpackApiStandIn; both
+listen on 127.0.0.2, the one network the runner lets its job processes reach besides public
+addresses (RUNPACK_ALLOW_JOB_NETWORKS=127.0.0.2/32). The fake worker listens on 127.0.0.1, which
+jobs may not reach: the runner's own requests are not guarded.
 """
 
 import json
@@ -39,6 +41,10 @@ INSTALL_HINT = "install them with: pip install 'runpack-runner[figpack]'"
 NOT_SERVED = "Not serving job type %s: " % JOB_TYPE
 TYPE_IN_POLL = "types%5B%5D=" + JOB_TYPE
 PROCESS_OUTPUT_MARKER = "[runpack: output of the job process]"  # what a job process printed follows it
+JOB_HOST = "127.0.0.2"  # where the stand-ins a job reaches listen: loopback, stands for an allowed network
+JOB_NETWORK = JOB_HOST + "/32"  # all that jobs may reach besides public addresses; not 127.0.0.1
+DENIED_MESSAGE = ("nwb_url: 127.0.0.1 resolves to 127.0.0.1, which jobs on this runner may not reach "
+                  "(allow it with --allow-job-network)")
 
 # never route this process's loopback requests through a proxy
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -56,13 +62,13 @@ def units_file(tmp_path_factory):
 
 @pytest.fixture
 def nwb_server(units_file):
-    with RangeFileServer(units_file[0]) as server:
+    with RangeFileServer(units_file[0], host=JOB_HOST) as server:
         yield server
 
 
 @pytest.fixture
 def figpack_api():
-    with FigpackApiStandIn(expected_api_key=FIGPACK_KEY) as api:
+    with FigpackApiStandIn(expected_api_key=FIGPACK_KEY, host=JOB_HOST) as api:
         yield api
 
 
@@ -75,9 +81,11 @@ def job_tmp(tmp_path):
 
 @pytest.fixture
 def figpack_env(figpack_api, job_tmp):
-    """The environment of a runner that can serve the job type, uploading to the stand-in."""
+    """The environment of a runner that can serve the job type, uploading to the stand-in, whose
+    jobs may reach the stand-ins' network (and public addresses) only."""
+    no_proxy = "127.0.0.1,%s,localhost" % JOB_HOST
     return {"FIGPACK_API_KEY": FIGPACK_KEY, "FIGPACK_API_BASE_URL": figpack_api.url,
-            "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
+            "RUNPACK_ALLOW_JOB_NETWORKS": JOB_NETWORK, "NO_PROXY": no_proxy, "no_proxy": no_proxy,
             "TMPDIR": str(job_tmp)}
 
 
@@ -404,7 +412,7 @@ def test_a_local_run_without_the_extra_or_the_key_says_why_and_exits_1(python_wi
 @ISOLATION
 def test_a_stalled_nwb_server_fails_the_job_at_the_time_limit_and_the_runner_goes_on(
         worker, start_runner, figpack_env, figpack_api, units_file, isolation):
-    with RangeFileServer(units_file[0], stall=True) as stalled:
+    with RangeFileServer(units_file[0], stall=True, host=JOB_HOST) as stalled:
         stuck = worker.add_job(JOB_TYPE, {"nwb_url": stalled.url_for("units.nwb"), "units_path": "/units"})
         runner = start_runner("--job-timeout", "3", *isolation, env=figpack_env)
         worker.wait_until(lambda: status_of(worker, stuck) == "in_progress", timeout=15)
@@ -425,6 +433,28 @@ def test_a_stalled_nwb_server_fails_the_job_at_the_time_limit_and_the_runner_goe
         runner.send(signal.SIGTERM)
         assert runner.wait(timeout=10) == 0, runner.output
     assert "Runner stopped" in runner.output
+    assert figpack_api.requests == []
+
+
+def test_an_nwb_url_outside_the_allowed_network_fails_the_job_before_any_request_and_the_runner_goes_on(
+        worker, start_runner, figpack_api, figpack_env, units_file):
+    """The NWB server on 127.0.0.1, loopback that RUNPACK_ALLOW_JOB_NETWORKS=127.0.0.2/32 leaves
+    out: the job process may not connect to it, so the job fails with the guard's one line, the
+    server never sees a request and nothing is uploaded; the runner then takes the next job."""
+    with RangeFileServer(units_file[0]) as denied:
+        assert denied.url.startswith("http://127.0.0.1:")
+        job_id = worker.add_job(JOB_TYPE, {"nwb_url": denied.url_for("units.nwb"), "units_path": "/units"})
+        runner = start_runner(env=figpack_env)
+        worker.wait_until(finished(worker, job_id), timeout=60, message="the figpack job did not finish")
+        job = worker.job(job_id)
+        assert job["status"] == "failed"
+        assert job["error_message"] == DENIED_MESSAGE, (job["error_message"], job["console_output"])
+        assert [kind for kind, _ in job["reports"]] == ["error"]
+        after = worker.add_job("hello_world", {"name": "After", "processing_time": 0})
+        worker.wait_until(lambda: status_of(worker, after) == "completed", timeout=15,
+                          message="the runner did not take another job after the denied one")
+        assert runner.stop() == 0, runner.output
+    assert denied.requests == [], "the job reached the NWB server on 127.0.0.1"
     assert figpack_api.requests == []
 
 
@@ -462,7 +492,7 @@ def test_a_data_error_inside_figpack_is_an_execution_failure_not_invalid_paramet
         units.create_dataset("id", data=numpy.array([1, 2], dtype=numpy.int64))
         units.create_dataset("spike_times", data=numpy.zeros(0))
         units.create_dataset("spike_times_index", data=numpy.array([0, 0], dtype=numpy.int64))
-    with RangeFileServer(folder) as server:
+    with RangeFileServer(folder, host=JOB_HOST) as server:
         job_id = worker.add_job(JOB_TYPE, {"nwb_url": server.url_for("empty.nwb"), "units_path": "/units"})
         runner = start_runner(env=figpack_env)
         worker.wait_until(finished(worker, job_id), timeout=60)

@@ -68,6 +68,7 @@ EXIT_STATE_DIR_BUSY = 4  # another runner holds the state directory
 EXIT_JOBS_DONE = 5  # --once or --max-jobs: the jobs were run
 EXIT_IDLE = 6  # --idle-timeout: no job came
 EXIT_MAX_UPTIME = 7  # --max-uptime: the time was up
+EXIT_NO_JOB_PROCESSES = 8  # job processes cannot be started here: see LauncherUnavailable
 # A second shutdown signal exits with 128 + the signal number, as shells report it.
 
 
@@ -2035,8 +2036,9 @@ class NetworkGuard:
 
         def getaddrinfo(host, *args, **kwargs):
             answers = resolve(host, *args, **kwargs)
-            for answer in answers:
-                self.names[answer[4][0]] = host.decode("idna") if isinstance(host, bytes) else host
+            if host is not None:  # None: this machine's own addresses, for a server
+                for answer in answers:
+                    self.names[answer[4][0]] = host.decode("idna") if isinstance(host, bytes) else host
             return answers
         socket.getaddrinfo = getaddrinfo
 
@@ -2061,6 +2063,7 @@ class NetworkGuard:
             ip = ipaddress.ip_address(text.split("%")[0])
             if "%" not in text:
                 address = (str(ip),) + tuple(address[1:])
+            host = self.names.get(str(ip), host)  # the name it was looked up by, if it was
         except ValueError:  # a name, or an address spelled as only the C library reads it (127.1)
             answers = self.resolve(host, port, family, kind)
             if not answers:
@@ -2068,7 +2071,7 @@ class NetworkGuard:
             address = answers[0][4]
             ip = ipaddress.ip_address(address[0].split("%")[0])
         if not self.policy.permits(ip):
-            self._deny(self.names.get(str(ip), host), ip)
+            self._deny(host, ip)
         return address
 
     def _deny(self, host, ip):
@@ -2110,12 +2113,23 @@ def available_memory():
             for line in stream:
                 _, controllers, path = line.rstrip("\n").split(":", 2)
                 if controllers == "":
-                    limits.append(_read_number("/sys/fs/cgroup%s/memory.max" % path))
+                    limits += _cgroup_limits("/sys/fs/cgroup", path, "memory.max")
                 elif "memory" in controllers.split(","):
-                    limits.append(_read_number("/sys/fs/cgroup/memory%s/memory.limit_in_bytes" % path))
+                    limits += _cgroup_limits("/sys/fs/cgroup/memory", path, "memory.limit_in_bytes")
     except (OSError, ValueError):
         pass
     return min(limit for limit in limits if limit)
+
+
+def _cgroup_limits(root, path, name):
+    """The limits in the file ``name`` of a cgroup and of each cgroup above it: Slurm and
+    systemd set a job's or a slice's limit above the cgroup the process is in."""
+    limits = []
+    while True:
+        limits.append(_read_number(os.path.join(root + path, name)))
+        if path in ("/", ""):
+            return limits
+        path = os.path.dirname(path.rstrip("/"))
 
 
 def _read_number(path):
@@ -2322,6 +2336,7 @@ JOB_STOP_SIGNAL = getattr(signal, "SIGUSR1", None)
 JOB_TEMP_PREFIX = "runpack-job-"  # then the runner's pid: see remove_orphaned_job_dirs
 LAUNCHER_COMMAND = "_launcher"  # hidden command: the launcher process, see JobLauncher
 LAUNCHER_ANSWER_TIMEOUT_S = 60.0  # imports from a cold network file system can be that slow
+LAUNCHER_OUTPUT_KEPT, LAUNCHER_LINES_KEPT = 4096, 20  # of what a launcher that did not start printed
 FORK_ATTEMPTS, FORK_RETRY_WAIT_S = 3, 1.0  # then the runner stops: see LauncherUnavailable
 LAUNCHER_PROCESS_NAME = "runpack-launch"  # what ps and top show (Linux): at most 15 bytes
 JOB_PROCESS_NAME = "runpack-job"
@@ -2384,7 +2399,7 @@ class JobLauncher:
     def __init__(self, handler_specs, limits, warm=True, spare=True):
         self.handler_specs, self.warm, self.keep_spare = handler_specs, warm, spare
         self.limits = limits  # the JobLimits each job process applies
-        self.process = self.control = self._answers = None
+        self.process = self.control = self._answers = self._errors = None
         self._spare = None  # a JobProcess asked for, whose answer (its pid) is read when it is taken
         self._job_types = set()  # the job types that have had a job: a type is warmed up once
         self._warm_up = []  # job types the launcher is to import the warm_modules of, with the next fork
@@ -2501,26 +2516,45 @@ class JobLauncher:
         except subprocess.TimeoutExpired:
             return "the launcher closed its socket"
 
+    def start(self):
+        """Start the launcher now, if it does not run: a runner does so before it takes a job,
+        so that a launcher that cannot start stops it before any job is claimed."""
+        with self._lock:
+            if self.process is None:
+                self._start()
+
     def _start(self):
         import subprocess
 
         runner_end, launcher_end = socket.socketpair()
         command = _launcher_command() + [LAUNCHER_COMMAND, str(launcher_end.fileno()), self.handler_specs]
+        errors = tempfile.TemporaryFile()  # what it prints before its job processes take their own output
         try:
-            self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, pass_fds=(launcher_end.fileno(),),
-                                            start_new_session=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=errors, stderr=errors,
+                                            pass_fds=(launcher_end.fileno(),), start_new_session=True,
+                                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
         except OSError as error:
             runner_end.close()
+            errors.close()
             raise LauncherUnavailable("cannot start the job launcher %s: %s" % (sys.executable, error))
         finally:
             launcher_end.close()
         runner_end.settimeout(LAUNCHER_ANSWER_TIMEOUT_S)
-        self.control, self._answers = runner_end, runner_end.makefile("rb")
+        self.control, self._answers, self._errors = runner_end, runner_end.makefile("rb"), errors
         try:
             self._read_answer()  # {"ready": true}: the launcher has imported the handler modules
         except LauncherGone as gone:
+            said = self._said()
             self._stop()
-            raise LauncherUnavailable("the job launcher did not start: %s; its output above says why" % gone)
+            raise LauncherUnavailable("the job launcher did not start: %s%s" % (
+                gone, "; it said:\n" + said if said else ""))
+
+    def _said(self):
+        """The last lines the launcher printed (a traceback, say), for the runner's log."""
+        self._errors.seek(0, os.SEEK_END)
+        self._errors.seek(max(0, self._errors.tell() - LAUNCHER_OUTPUT_KEPT))
+        lines = self._errors.read().decode("utf-8", "replace").strip().splitlines()
+        return "\n".join("    " + line for line in lines[-LAUNCHER_LINES_KEPT:])
 
     def _stop(self):
         """Close the launcher (it exits when its socket closes), and the spare with it."""
@@ -2537,7 +2571,8 @@ class JobLauncher:
             self.process.wait()
         self._answers.close()
         self.control.close()
-        self.process = self.control = self._answers = None
+        self._errors.close()
+        self.process = self.control = self._answers = self._errors = None
         self.warm_types = set()
 
 
@@ -2583,10 +2618,19 @@ def _interpreter_flags():
 
 def _entry_script():
     """The script that started this process, so that the launcher registers the same job
-    types: runpack_runner.py itself, the `runpack` console script, or a vendoring script
-    that registers its own types and then calls main()."""
+    types: runpack_runner.py itself, the `runpack` console script, or a vendoring script (or
+    folder with a __main__.py) that registers its own types and then calls main()."""
     script = sys.argv[0] if sys.argv else ""
-    return os.path.abspath(script) if os.path.isfile(script) else os.path.abspath(__file__)
+    return os.path.abspath(script) if os.path.exists(script) else os.path.abspath(__file__)
+
+
+def _entry_module():
+    """The module this process was started as with ``python -m`` (``mypkg`` for
+    ``mypkg.__main__``), else None: a package that vendors this file is run that way again."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is None or spec.name == "__main__":  # a script, or a folder or zip file run as one
+        return None
+    return spec.name[:-len(".__main__")] if spec.name.endswith(".__main__") else spec.name
 
 
 # Imports this file as the module runpack_runner, then runs main(): unlike running it as a
@@ -2603,12 +2647,15 @@ sys.exit(module.main())
 
 
 def _launcher_command():
-    """How to start the launcher: the entry script, or, when that is this file, an import of it
-    (the launcher then starts faster and 7 MB lighter, without compiling 3,000 lines)."""
-    script = _entry_script()
+    """How to start the launcher so that it registers the job types this process has: started
+    as this process was (``python -m package``, or the entry script), or, when that is this
+    file, an import of it (the launcher then starts faster and 7 MB lighter, without compiling
+    3,000 lines). A vendoring program's top-level code so runs once more, in the launcher."""
+    python = [sys.executable] + _interpreter_flags()
+    script, module = _entry_script(), _entry_module()
     if os.path.abspath(__file__) == script:
-        return [sys.executable] + _interpreter_flags() + ["-c", IMPORT_AND_RUN, script]
-    return [sys.executable] + _interpreter_flags() + [script]
+        return python + ["-c", IMPORT_AND_RUN, script]
+    return python + (["-m", module] if module else [script])
 
 
 def _send_with_descriptors(connection, message, descriptors):
@@ -3476,6 +3523,12 @@ class Runner:
         for level, line in describe_job_limits(self.job_limits, self.launcher is not None):
             LOG.log(level, "%s", line)
         try:
+            if self.launcher is not None:
+                self.launcher.start()  # before any claim: a launcher that cannot start leaves no job waiting
+        except LauncherUnavailable as error:
+            LOG.error("Cannot start job processes: %s; stopping", error)
+            return EXIT_NO_JOB_PROCESSES
+        try:
             try:
                 self._sleep_until_limit(random.uniform(0, min(START_JITTER_MAX_S, self.settings.poll_interval / 10)))
                 self._establish_identity()
@@ -3702,7 +3755,7 @@ class Runner:
                 LOG.error("Cannot start job processes: %s; stopping. Job %s did not start: it runs when "
                           "the runner starts again with the state directory %s", slot.cannot_start,
                           slot.job_id, self.state.path)
-                self._stop_code, self._stop_reason = EXIT_FAILURE, "cannot start job processes"
+                self._stop_code, self._stop_reason = EXIT_NO_JOB_PROCESSES, "cannot start job processes"
         self.limits.busy()
         self.waker.wake()
 

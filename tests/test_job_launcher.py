@@ -16,6 +16,8 @@ pytestmark = pytest.mark.slow  # every test starts the runner CLI as a subproces
 
 HANDLERS = ("--handlers", os.path.join(TESTS, "job_types_for_operations.py"))
 JOB_NUMBERS = itertools.count()
+BREAKER = os.path.join(TESTS, "job_types_that_break_the_launcher.py")
+EXIT_NO_JOB_PROCESSES = 8
 
 
 def status_of(worker, job_id):
@@ -97,21 +99,38 @@ def test_an_idle_runner_keeps_its_launcher_only_while_it_keeps_something_warm(wo
 
 
 def test_run_says_in_one_line_that_it_cannot_start_a_job_process():
-    breaker = os.path.join(TESTS, "job_types_that_break_the_launcher.py")
-    result = run_cli("run", "module_state", "--handlers", HANDLERS[1] + "," + breaker)
+    result = run_cli("run", "module_state", "--handlers", HANDLERS[1] + "," + BREAKER)
     assert result.returncode == 1
     assert "Error: cannot start a job process: the job launcher did not start" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_a_runner_that_cannot_start_job_processes_stops_and_the_job_runs_at_the_next_start(
+def test_a_runner_that_cannot_start_job_processes_says_why_and_stops_before_claiming_a_job(
         worker, start_runner):
+    """The launcher starts before the first claim: a runner that could not run a job never takes
+    one, and its log holds what the launcher printed (the log file is where operators look)."""
+    job_id = worker.add_job("module_state", {})
+    broken = start_runner("--handlers", HANDLERS[1] + "," + BREAKER)
+    assert broken.wait() == EXIT_NO_JOB_PROCESSES
+    with open(os.path.join(broken.state_dir, "runpack_runner.log")) as stream:
+        log = stream.read()
+    assert "Cannot start job processes: the job launcher did not start" in log
+    assert "RuntimeError: this module does not import in the launcher" in log
+    assert worker.count("claim") == 0 and status_of(worker, job_id) == "pending"
+
+
+def test_a_runner_whose_job_processes_stop_starting_stops_and_the_job_runs_at_the_next_start(
+        worker, start_runner, tmp_path):
     """Failing job after job would turn a broken machine into a sink for the queue: the worker
     keeps a failure forever."""
+    breaking = tmp_path / "break-the-launcher-now"
+    env = {"BREAK_LAUNCHER_WHEN": str(breaking)}
+    broken = start_runner("--handlers", HANDLERS[1] + "," + BREAKER, env=env)
+    wait_until_idle(worker)
+    assert children_of(broken.process.pid) == [], "an idle runner with nothing warm keeps no launcher"
+    breaking.touch()
     job_id = worker.add_job("module_state", {})
-    breaker = os.path.join(TESTS, "job_types_that_break_the_launcher.py")
-    broken = start_runner("--handlers", HANDLERS[1] + "," + breaker)
-    assert broken.wait() == 1
+    assert broken.wait() == EXIT_NO_JOB_PROCESSES
     assert "Cannot start job processes: the job launcher did not start" in broken.output
     assert "this module does not import in the launcher" in broken.output
     assert worker.job(job_id)["status"] == "claimed" and worker.job(job_id)["reports"] == []

@@ -1,0 +1,51 @@
+"""Job types that reach for the network or for memory: the limits of a job process must hold them."""
+
+import socket
+import urllib.request
+
+import runpack_runner
+
+
+@runpack_runner.job_type("fetch_url")
+def fetch_url(input_params, heartbeat_callback):
+    """Fetches ``url`` as a job type that downloads its input would, redirects followed."""
+    with urllib.request.urlopen(input_params["url"], timeout=10) as response:
+        return {"body": response.read().decode("utf-8")}
+
+
+@runpack_runner.job_type("connect_raw")
+def connect_raw(input_params, heartbeat_callback):
+    """Reaches (``host``, ``port``) with a socket of its own: ``how`` is create_connection,
+    connect, connect_ex (its result is returned) or sendto (UDP: ``message`` to the port).
+    With ``look_up_no_host_first``, it first asks getaddrinfo for no host, as a server library
+    asking for its own addresses does."""
+    if input_params.get("look_up_no_host_first"):
+        socket.getaddrinfo(None, 0, socket.AF_INET, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    address, how = (input_params["host"], input_params["port"]), input_params["how"]
+    if how == "create_connection":
+        with socket.create_connection(address, timeout=10) as connection:
+            return {"received": connection.recv(100).decode("utf-8")}
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    kind = socket.SOCK_DGRAM if how == "sendto" else socket.SOCK_STREAM
+    with socket.socket(family, kind) as sock:
+        sock.settimeout(10)
+        if how == "connect":
+            sock.connect(address)
+            return {"received": sock.recv(100).decode("utf-8")}
+        if how == "connect_ex":
+            return {"connect_ex": sock.connect_ex(address)}
+        return {"sent": sock.sendto(input_params.get("message", "hello").encode("utf-8"), address)}
+
+
+@runpack_runner.job_type("balloon")
+def balloon(input_params, heartbeat_callback):
+    """Holds ``megabytes`` MiB, every page written: as ``bytearray`` in one block, or as
+    ``objects``, a list of small bytes objects, as a parser building a large structure would."""
+    size = input_params["megabytes"] << 20
+    if input_params.get("as", "bytearray") == "bytearray":
+        held = bytearray(size)
+        for offset in range(0, size, 4096):
+            held[offset] = 1
+    else:
+        held = [bytes(1000) + b"%d" % index for index in range(size // 1000)]
+    return {"held_megabytes": input_params["megabytes"], "pieces": len(held)}

@@ -118,6 +118,10 @@ def _parse_positive_count(text):
     return value
 
 
+def _parse_names(text):
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
 ANY_NETWORK = "any"  # --allow-job-network any: jobs may reach every address
 
 
@@ -196,6 +200,8 @@ SETTINGS = (
             "a number of seconds", "take no new job after this long, finish and exit (0: never)"),
     Setting("handlers", "--handlers", "RUNPACK_HANDLERS", "", str, "a list of modules",
             "comma-separated modules (module[:attr] or file.py) that register job types"),
+    Setting("job_types", "--job-types", "RUNPACK_JOB_TYPES", (), _parse_names, "a list of job types",
+            "serve only these job types, comma-separated (default: every type this runner can run)"),
     Setting("log_file", "--log-file", "RUNPACK_LOG_FILE", "runpack_runner.log", str, "a path",
             "log file, rotated by size; relative to the state directory"),
     Setting("verbose", "--verbose", "RUNPACK_VERBOSE", False, _parse_boolean, "true or false",
@@ -211,7 +217,7 @@ SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
 RUNNER_SETTINGS = tuple(setting.name for setting in SETTINGS)
 RUN_SETTINGS = ("heartbeat_interval", "job_timeout", "in_process", "handlers", "allow_job_network",
                 "job_memory_limit")
-CHECK_SETTINGS = ("worker_url", "state_dir", "request_timeout", "handlers", "allow_insecure_http",
+CHECK_SETTINGS = ("worker_url", "state_dir", "request_timeout", "handlers", "job_types", "allow_insecure_http",
                   "notify_relay_url", "concurrency", "allow_job_network", "job_memory_limit")
 RUN_HEARTBEAT_INTERVAL_S = 1.0  # `run` refreshes the terminal, not a worker: it can be quick
 
@@ -242,6 +248,8 @@ def _metavar(setting):
         return "CIDR[,CIDR...]"
     if setting.parse is _parse_size:
         return "SIZE"
+    if setting.parse is _parse_names:
+        return "TYPE[,TYPE...]"
     return setting.kind.split()[-1].upper()
 
 
@@ -1171,7 +1179,7 @@ class JobHandler:
     # after the type's first job, the launcher imports them once, and later jobs start warm.
     # Each must be safe to fork after importing (no thread pool that a fork would break).
     warm_modules = ()
-    install_hint = ""  # e.g. "install them with: pip install 'runpack-runner[extra]'"
+    install_hint = ""  # e.g. "install them with: pip install some-package"
 
     def execute(self, input_params, heartbeat_callback):
         raise NotImplementedError
@@ -1237,11 +1245,21 @@ def job_type(name):
     return lambda handler: register_job_type(name, handler)
 
 
-def job_type_availability():
-    """Each registered job type, with None when this runner can run it, else why not. The
-    packages of every job type that nothing else stops are import-checked together, in one
-    child process; none at all when no such job type requires any."""
-    handlers = sorted(JOB_HANDLERS.items())
+def chosen_job_types(names):
+    """The job types --job-types names, all of them registered; every registered type when
+    it names none."""
+    unknown = [name for name in names if name not in JOB_HANDLERS]
+    if unknown:
+        raise ConfigurationError("--job-types names %s, which no module registers (known: %s)" % (
+            ", ".join(unknown), ", ".join(sorted(JOB_HANDLERS))))
+    return sorted(set(names)) if names else sorted(JOB_HANDLERS)
+
+
+def job_type_availability(names=None):
+    """Each of the named job types (default: all), with None when this runner can run it, else
+    why not. The packages of every such type that nothing else stops are import-checked
+    together, in one child process; none at all when no such job type requires any."""
+    handlers = [(name, JOB_HANDLERS[name]) for name in (sorted(JOB_HANDLERS) if names is None else names)]
     import_problems(sorted({module for _, handler in handlers if isinstance(handler, JobHandler)
                             and not handler.unmet_requirements() for module in handler.requires_modules}))
     return [(name, handler.unavailable_reason()) for name, handler in handlers]
@@ -1450,11 +1468,10 @@ class FigpackNwbJob(JobHandler):
     absent_optional = ""  # dandiset_id and neurosift_url when not given
 
     def _with_install_hint(self, reason):
-        reason = super()._with_install_hint(reason)
-        if sys.version_info < FIGPACK_MIN_PYTHON:  # the extras install nothing there
-            reason += "; figpack needs Python %d.%d or newer, this runner has %s" % (
-                FIGPACK_MIN_PYTHON + (sys.version.split()[0],))
-        return reason
+        if sys.version_info < FIGPACK_MIN_PYTHON:  # no pip line: what it installs does not import here
+            return "%s; figpack needs Python %d.%d or newer, this runner has %s" % (
+                (reason,) + FIGPACK_MIN_PYTHON + (sys.version.split()[0],))
+        return super()._with_install_hint(reason)
 
     def title(self, path):
         raise NotImplementedError
@@ -1513,8 +1530,8 @@ def _nwb_group(nwb, path, parameter):
 
 
 # figpack_experimental and figpack_nwb are not on PyPI: the extra brings what is.
-EXTENSION_INSTALL_HINT = ("install them with: pip install 'runpack-runner[figpack-extensions]', "
-                          "and %s from the figpack project")
+EXTENSION_INSTALL_HINT = ("install them with: pip install figpack lindi h5py numpy imageio-ffmpeg, and build "
+                          "%s from the figpack project's source: see the README, Built-in job types")
 
 
 @job_type("figpack_nwb_raster_plot")
@@ -1523,7 +1540,8 @@ class FigpackRasterPlotJob(FigpackNwbJob):
 
     requires_modules = ("figpack", "figpack_spike_sorting", "lindi")
     warm_modules = ("figpack_spike_sorting.views", "lindi")
-    install_hint = "install them with: pip install 'runpack-runner[figpack]'"
+    install_hint = ("install them with: pip install figpack figpack-spike-sorting lindi (from a checkout of "
+                    "the runner: pip install '.[figpack]')")
     path_parameter, path_label = "units_path", "Units path"
     view_name, upload_label = "RasterPlot", "raster plot"
     absent_optional = None  # as the deployed raster plot reports them
@@ -2087,7 +2105,11 @@ class NetworkGuard:
 # glibc and OpenBLAS reserve for their threads.
 MEMORY_RLIMIT_NAME = "RLIMIT_DATA"
 MEMORY_SHARE = 0.75  # of the runner's memory, shared among the slots: the rest is the system's
-DEFAULT_MEMORY_FLOOR = 1 << 30  # on a small machine, a job type's measured peak still fits
+DEFAULT_MEMORY_FLOOR = 3 << 29  # 1.5 GiB: the built-in types' measured peaks (at most 0.9 GiB) fit
+# numpy's OpenBLAS reserves some 40 MiB of data per thread when it is imported, one thread per CPU
+# it sees: 2.5 GiB on a 64-CPU node, which every job forked from a warm launcher would carry. Job
+# processes get thread pools of their share of the CPUs instead, unless the operator sized them.
+THREAD_POOL_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def default_job_memory_limit(concurrency):
@@ -2153,21 +2175,30 @@ class JobLimits:
     Made in the runner from the settings, passed on with each job, applied in the job process
     before its handler runs; it then also explains a failure that one of them caused."""
 
-    def __init__(self, network=ANY_NETWORK, memory_limit=0, memory_source=""):
+    def __init__(self, network=ANY_NETWORK, memory_limit=0, memory_source="", slots=1):
         self.network = network if isinstance(network, NetworkPolicy) else NetworkPolicy(network)
         self.memory_limit = memory_limit
         self.memory_source = memory_source  # how the default was reached, for the operator
+        self.threads = max(1, _usable_cpus() // slots)  # a job's share of the CPUs
         self.guard = None
 
     @classmethod
     def from_settings(cls, settings):
-        if settings.job_memory_limit is not None:
-            return cls(settings.allow_job_network, settings.job_memory_limit)
         slots = getattr(settings, "concurrency", 1)
+        if settings.job_memory_limit is not None:
+            return cls(settings.allow_job_network, settings.job_memory_limit, slots=slots)
         memory_limit, available = default_job_memory_limit(slots), available_memory()
         source = ("the default: %d%% of %s over %d slot%s" % (MEMORY_SHARE * 100, describe_size(available), slots,
                                                               "s" * (slots != 1)) if available else "")
-        return cls(settings.allow_job_network, memory_limit, source)
+        return cls(settings.allow_job_network, memory_limit, source, slots)
+
+    def environment(self, environ):
+        """``environ`` for the launcher, whose job processes inherit it: thread pools of a job's
+        share of the CPUs, where the operator has not sized them."""
+        sized = dict(environ)
+        for name in THREAD_POOL_VARIABLES:
+            sized.setdefault(name, str(self.threads))
+        return sized
 
     def as_spec(self):
         return {"allow_job_network": self.network.as_setting(), "memory_limit": self.memory_limit}
@@ -2212,11 +2243,21 @@ def describe_job_limits(limits, in_job_processes):
         return [(logging.WARNING, "Jobs run in the runner's own process (--in-process): neither the "
                                   "network guard nor the memory limit applies to them")]
     lines = [(logging.INFO, "Jobs may reach %s" % limits.network.describe()),
-             (logging.INFO, "Job memory limit: %s" % limits.describe_memory())]
+             (logging.INFO, "Job memory limit: %s" % limits.describe_memory()),
+             (logging.INFO, "Job thread pools: %d thread%s each (%s, where not set)" % (
+                 limits.threads, "s" * (limits.threads != 1), ", ".join(THREAD_POOL_VARIABLES)))]
     if limits.network.any:
         lines[0] = (logging.WARNING, "Jobs may reach any address this machine can, its own services and "
                                      "the networks it sits in included (--allow-job-network any)")
     return lines
+
+
+def _usable_cpus():
+    """The CPUs this process may run on (a Slurm job's or a container's cpuset), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS has no sched_getaffinity
+        return os.cpu_count() or 1
 
 
 def _parameter_with_host(input_params, host):
@@ -2230,11 +2271,13 @@ def _parameter_with_host(input_params, host):
 
 
 def _out_of_memory(error):
-    """Whether ``error``, or an error that led to it, is an allocation that failed."""
+    """Whether ``error``, or an error that led to it, is an allocation that failed: memory, or a
+    thread's stack (near the limit, often the first allocation to fail)."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, MemoryError) or isinstance(error, OSError) and error.errno == errno.ENOMEM:
+        if (isinstance(error, MemoryError) or isinstance(error, OSError) and error.errno == errno.ENOMEM
+                or isinstance(error, RuntimeError) and re.match(r"can't (start|create) new thread", str(error))):
             return True
         error = error.__cause__ or error.__context__
     return False
@@ -2532,7 +2575,7 @@ class JobLauncher:
         try:
             self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=errors, stderr=errors,
                                             pass_fds=(launcher_end.fileno(),), start_new_session=True,
-                                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                                            env=self.limits.environment(dict(os.environ, PYTHONUNBUFFERED="1")))
         except OSError as error:
             runner_end.close()
             errors.close()
@@ -3560,7 +3603,7 @@ class Runner:
 
     def _job_types_to_serve(self):
         serve = []
-        for name, reason in job_type_availability():
+        for name, reason in job_type_availability(chosen_job_types(self.settings.job_types)):
             if reason:
                 LOG.warning("Not serving job type %s: %s", name, reason)
             else:
@@ -4031,18 +4074,26 @@ def command_check(args, environ, out=None):
         load_handler_modules(settings.handlers)
     except ConfigurationError as error:
         checklist.problem("Handlers", str(error))
-    serving = []
-    for name, reason in job_type_availability():
-        checklist.line("Job type", "%s: %s" % (name, "served" if reason is None else "NOT served: " + reason))
+    serving, chosen = [], []
+    try:
+        chosen = chosen_job_types(settings.job_types)
+    except ConfigurationError as error:
+        checklist.problem("Job types", str(error))
+    for name, reason in job_type_availability(chosen):
         if reason is None:
+            checklist.line("Job type", "%s: served" % name)
             serving.append(name)
+        elif settings.job_types:  # the operator asked for it: it must be served
+            checklist.problem("Job type", "%s: NOT served: %s" % (name, reason))
+        else:
+            checklist.line("Job type", "%s: NOT served: %s" % (name, reason))
     imports = checked_imports()
     if imports:
         verdicts = [("import", [name for name, problem in sorted(imports.items()) if problem is None]),
                     ("fail to import", [name for name, problem in sorted(imports.items()) if problem])]
         checklist.line("Imports", "%s (checked in a child process of this Python, as a job would import them)"
                        % "; ".join("%s %s" % (", ".join(names), verdict) for verdict, names in verdicts if names))
-    if not serving:
+    if not serving and "Job types" not in checklist.problems:
         checklist.problem("Job types", "this runner could serve none")
     for level, line in describe_job_limits(JobLimits.from_settings(settings), new_job_launcher(
             False, settings.handlers, None) is not None):
@@ -4197,6 +4248,7 @@ def command_runner(args, environ):
     relay_url = settings.notify_relay_url and check_worker_url(
         settings.notify_relay_url, settings.allow_insecure_http, "NotifyRelay", "subscribe key")
     load_handler_modules(settings.handlers)
+    chosen_job_types(settings.job_types)  # a name that no module registers is a bad setting
     state = StateDirectory(settings.state_dir)
     state.prepare()
     try:

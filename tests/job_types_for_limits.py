@@ -49,3 +49,27 @@ def balloon(input_params, heartbeat_callback):
     else:
         held = [bytes(1000) + b"%d" % index for index in range(size // 1000)]
     return {"held_megabytes": input_params["megabytes"], "pieces": len(held)}
+
+
+@runpack_runner.job_type("thread_pools")
+def thread_pools(input_params, heartbeat_callback):
+    """The thread pool sizes that the job process was started with."""
+    import os
+
+    return {name: os.environ.get(name) for name in runpack_runner.THREAD_POOL_VARIABLES}
+
+
+@runpack_runner.job_type("many_threads")
+def many_threads(input_params, heartbeat_callback):
+    """Starts ``count`` idle threads, each with its stack, as a thread pool that grows would."""
+    import threading
+
+    release = threading.Event()
+    threads = []
+    try:
+        for _ in range(input_params["count"]):
+            threads.append(threading.Thread(target=release.wait))
+            threads[-1].start()
+    finally:
+        release.set()
+    return {"threads": len(threads)}

@@ -49,7 +49,8 @@ JOB_NETWORK = JOB_HOST + "/32"  # all that jobs may reach besides public address
 WORKING = os.path.join(STANDINS, "working")
 BROKEN_EXTENSION = os.path.join(STANDINS, "broken_extension")
 BROKEN_FIGPACK = os.path.join(STANDINS, "broken_figpack")
-EXTRA_HINT = "install them with: pip install 'runpack-runner[figpack-extensions]', and %s from the figpack project"
+EXTRA_HINT = ("install them with: pip install figpack lindi h5py numpy imageio-ffmpeg, and build %s from the "
+              "figpack project's source: see the README, Built-in job types")
 
 try:
     import figpack  # noqa: F401
@@ -530,7 +531,8 @@ def test_a_figpack_that_fails_to_import_as_on_python_3_8_serves_no_figpack_type(
     assert_not_served(worker, runner, (VIDEO, POSE, RASTER))
     assert ("Not serving job type %s: Python packages that fail to import with Python %s: figpack "
             "(TypeError: 'type' object is not subscriptable) (install them with: pip install "
-            "'runpack-runner[figpack]')" % (RASTER, sys.version.split()[0])) in runner.output
+            "figpack figpack-spike-sorting lindi (from a checkout of the runner: pip install '.[figpack]'))"
+            % (RASTER, sys.version.split()[0])) in runner.output
     for job_type in (VIDEO, POSE):
         line = re.search("Not serving job type %s: .*" % job_type, runner.output).group(0)
         assert "fail to import" in line and "TypeError: 'type' object is not subscriptable" in line, line

@@ -37,7 +37,8 @@ pytestmark = pytest.mark.slow  # every test runs the CLI and the real figpack pa
 JOB_TYPE = "figpack_nwb_raster_plot"
 FIGPACK_KEY = "figpack-key-for-tests-0123456789"
 STAMP = r"\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\] "
-INSTALL_HINT = "install them with: pip install 'runpack-runner[figpack]'"
+INSTALL_HINT = ("install them with: pip install figpack figpack-spike-sorting lindi (from a checkout of the "
+                "runner: pip install '.[figpack]')")
 NOT_SERVED = "Not serving job type %s: " % JOB_TYPE
 TYPE_IN_POLL = "types%5B%5D=" + JOB_TYPE
 PROCESS_OUTPUT_MARKER = "[runpack: output of the job process]"  # what a job process printed follows it

@@ -19,8 +19,9 @@ import urllib.parse
 import pytest
 
 from conftest import RUNNER_KEY, TESTS, run_cli
-from runpack_runner import (ANY_NETWORK, JobLimits, JobNetworkDenied, NetworkGuard, NetworkPolicy,
-                            _parse_networks, _parse_size, available_memory, describe_size)
+from runpack_runner import (ANY_NETWORK, THREAD_POOL_VARIABLES, JobLimits, JobNetworkDenied, NetworkGuard,
+                            NetworkPolicy, _cgroup_limits, _parse_networks, _parse_size, _usable_cpus,
+                            available_memory, describe_size, machine_addresses)
 
 HANDLERS = ("--handlers", os.path.join(TESTS, "job_types_for_limits.py"))
 ALLOW_SECOND_LOOPBACK = ("--allow-job-network", "127.0.0.2/32")
@@ -231,6 +232,24 @@ def test_memory_sizes_without_a_unit_or_under_64m_are_refused(text):
                                         (64 * MIB, "64 MiB")])
 def test_sizes_are_described_in_mib_or_gib(size, text):
     assert describe_size(size) == text
+
+
+def test_the_machines_own_addresses_are_read_from_the_kernel():
+    own = machine_addresses()
+    if not os.path.exists("/proc/net/fib_trie"):
+        pytest.skip("the kernel's address table is Linux's /proc/net/fib_trie")
+    assert any(ipaddress.ip_address("127.0.0.1") in network for network in own)
+    assert any(ipaddress.ip_address("::1") in network for network in own) == os.path.exists("/proc/net/if_inet6")
+
+
+def test_a_memory_limit_set_on_a_cgroup_above_the_runners_counts(tmp_path):
+    """Slurm and systemd set the limit on the job's or the slice's cgroup, above the process's."""
+    leaf = tmp_path / "job_7" / "step_0" / "task_0"
+    leaf.mkdir(parents=True)
+    (leaf / "memory.max").write_text("max\n")
+    (tmp_path / "job_7" / "memory.max").write_text("%d\n" % (8 << 30))
+    limits = _cgroup_limits(str(tmp_path), "/job_7/step_0/task_0", "memory.max")
+    assert min(limit for limit in limits if limit) == 8 << 30
 
 
 @pytest.mark.parametrize("error", [MemoryError(), OSError(errno.ENOMEM, "Cannot allocate memory")])
@@ -572,7 +591,9 @@ def check(worker, tmp_path, *flags):
 
 
 def job_limit_lines(result):
-    return [line.split(None, 2)[2] for line in result.stdout.splitlines() if line.startswith("Job limits")]
+    """check's lines on the network and the memory (the thread pools' line aside)."""
+    return [line.split(None, 2)[2] for line in result.stdout.splitlines()
+            if line.startswith("Job limits") and "thread pools" not in line]
 
 
 @pytest.mark.slow
@@ -663,6 +684,25 @@ def test_run_fails_a_job_over_the_memory_limit_saying_so(setting):
     flags, env = (setting, None) if setting[0].startswith("--") else ((), dict([setting]))
     result = run_here("balloon", {"megabytes": 400}, *flags, env=env)
     assert (result.returncode, error_of(result)) == (1, OVER_THE_LIMIT)
+
+
+@pytest.mark.slow
+def test_a_job_whose_thread_stacks_outgrow_the_memory_limit_fails_saying_so():
+    """Near the limit a thread's stack (8 MiB) is often the first allocation to fail."""
+    result = run_here("many_threads", {"count": 100}, "--job-memory-limit", "200M")
+    assert (result.returncode, error_of(result)) == (1, OVER_THE_LIMIT)
+
+
+@pytest.mark.slow
+def test_job_processes_get_thread_pools_of_their_share_of_the_cpus_unless_set(worker, start_runner):
+    share, set_here = str(max(1, _usable_cpus() // 2)), {name: os.environ.get(name) for name in THREAD_POOL_VARIABLES}
+    finished, _ = run_through_runner(worker, start_runner, [("thread_pools", {})], "--concurrency", "2")
+    assert finished[0]["output_data"] == {name: set_here[name] or share for name in THREAD_POOL_VARIABLES}
+    result = run_here("thread_pools", {}, env={"OMP_NUM_THREADS": "3"})
+    sizes = json.loads(result.stdout)
+    assert sizes["OMP_NUM_THREADS"] == "3"
+    for name in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        assert sizes[name] == (set_here[name] or str(_usable_cpus()))
 
 
 @pytest.mark.slow

@@ -184,7 +184,8 @@ def test_check_says_why_a_job_type_is_not_served():
                             stdout=subprocess.PIPE, universal_newlines=True, env=clean_environment(),
                             timeout=60)
     assert ("figpack_nwb_raster_plot: NOT served: missing Python packages figpack, figpack_spike_sorting, "
-            "lindi (install them with: pip install 'runpack-runner[figpack]')") in result.stdout
+            "lindi (install them with: pip install figpack figpack-spike-sorting lindi (from a checkout of the "
+            "runner: pip install '.[figpack]'))") in result.stdout
 
 
 def test_many_jobs_leave_no_file_descriptors_or_processes_behind(worker, start_runner):

@@ -122,6 +122,17 @@ def _parse_names(text):
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
+def _parse_listen(text):
+    """--listen: (host, port); PORT alone or :PORT listen on loopback only. "" is off."""
+    if not text.strip():
+        return ""
+    host, _, port = text.strip().rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or int(port) > 65535 or any(character in host for character in "/ "):
+        raise ValueError(text)
+    return host, int(port)
+
+
 ANY_NETWORK = "any"  # --allow-job-network any: jobs may reach every address
 
 
@@ -208,6 +219,8 @@ SETTINGS = (
             "log at DEBUG: every poll, not only state changes"),
     Setting("allow_insecure_http", "--allow-insecure-http", "RUNPACK_ALLOW_INSECURE_HTTP", False,
             _parse_boolean, "true or false", "allow a plain http:// worker (or relay) URL that is not loopback"),
+    Setting("listen", "--listen", "RUNPACK_LISTEN", "", _parse_listen, "[HOST:]PORT",
+            "serve /metrics (Prometheus) and /healthz on this address (HOST: 127.0.0.1 unless given)"),
     Setting("notify_relay_url", "--notify-relay-url", "NOTIFY_RELAY_BASE_URL", "", str, "a URL",
             "NotifyRelay base URL: new jobs wake the runner at once (needs %s)" % RELAY_KEY_ENV),
     Setting("notify_relay_subscribe_id", "--notify-relay-subscribe-id", "NOTIFY_RELAY_SUBSCRIBE_ID", "", str,
@@ -250,6 +263,8 @@ def _metavar(setting):
         return "SIZE"
     if setting.parse is _parse_names:
         return "TYPE[,TYPE...]"
+    if setting.parse is _parse_listen:
+        return "[HOST:]PORT"
     return setting.kind.split()[-1].upper()
 
 
@@ -666,14 +681,36 @@ def read_answer(where, status, raw, location):
     if status >= 400:
         raise WorkerRejected("%s: %d %s" % (where, status, message), status, body)
     if not isinstance(body, dict):
-        raise TransientWorkerError("%s: the worker's answer is not a JSON object: %.80r" % (where, raw), status)
+        raise TransientWorkerError("%s: the worker's answer is not a JSON object: %s" % (where, describe_answer(raw)),
+                                   status)
     return body
 
 
 def _answer_message(body, raw):
     if isinstance(body, dict):
         return str(body.get("error") or body.get("message") or body)
-    return "(no JSON answer: %.80r)" % raw
+    return "(%s)" % describe_answer(raw)
+
+
+def describe_answer(raw):
+    """An answer that is not the JSON expected, in words: a proxy's or a web server's page
+    is "an HTML page", never a dump of its bytes."""
+    text = raw.decode("utf-8", "replace").strip()
+    if not text:
+        return "an empty answer"
+    if re.match(r"(?is)<!doctype html|<html|.{0,200}<(head|body|title)>", text):
+        return "an HTML page"
+    if text.startswith(("{", "[")):
+        return "JSON of another shape: %.80s" % " ".join(text.split())
+    return "text that is not JSON: %.80s" % " ".join(text.split())
+
+
+def _is_json(raw):
+    try:
+        json.loads(raw.decode("utf-8"))
+    except ValueError:
+        return False
+    return True
 
 
 def _origin(url):
@@ -719,6 +756,7 @@ class WorkerClient:
         self.base_url, self.timeout, self.runner_id = base_url, timeout, runner_id
         self._api_key = api_key  # None: only health() can be asked
         self._transport = HttpTransport(api_key)
+        self.on_answer = lambda endpoint, status: None  # told of every request: the status, or None
 
     def __repr__(self):
         return "WorkerClient(%r, runner_id=%r)" % (self.base_url, self.runner_id)
@@ -806,17 +844,24 @@ class WorkerClient:
             headers["Authorization"] = "Bearer " + self._api_key
         if runner_id:
             headers["X-Runner-ID"] = runner_id
+        endpoint = path.split("?")[0].rsplit("/", 1)[-1]  # register, available, claim, heartbeat...
         try:
             status, raw, location = self._transport.exchange(method, self.base_url + path, body, headers,
                                                              timeout or self.timeout)
         except self._transport.network_errors as error:
+            self.on_answer(endpoint, None)
             raise TransientWorkerError("%s: cannot reach the worker (%s)" % (where, _reason(error)))
+        self.on_answer(endpoint, status)
         try:
             answer = read_answer(where, status, raw, location)
             return read(answer) if read else answer
         except TransientWorkerError as error:
             if first_contact and 200 <= status < 300:
                 raise WorkerRejected("%s; the URL answers, but not as a Runpack worker" % error, status)
+            if first_contact and status >= 500 and not _is_json(raw):
+                raise TransientWorkerError("%s answers %d with %s, not as a Runpack worker; retrying in case "
+                                           "this is an outage — check --worker-url" % (
+                                               self.base_url, status, describe_answer(raw)), status)
             raise
 
 
@@ -845,7 +890,8 @@ class GaveUp(Exception):
 class Retrying:
     """The one retry policy for whatever is worth trying again (TransientError): back off
     exponentially with full jitter up to --retry-max (a 429 waits for the worker's reset
-    time), one warning per failure, one line once the worker answers again.
+    time). A spell of failures is one warning, and one more for each new kind of failure in
+    it (the other tries are logged at DEBUG), then one line once the worker answers again.
 
     ``wait(seconds)`` sleeps between tries; ``give_up(delay)`` is asked before a wait of
     ``delay`` seconds and after it (with 0): true ends the retrying with GaveUp.
@@ -856,7 +902,7 @@ class Retrying:
 
     def call(self, attempt, failed):
         """``attempt()``'s result, once it succeeds; ``failed`` starts each warning."""
-        backoff = RetryBackoff(self.retry_max)
+        backoff, said, started = RetryBackoff(self.retry_max), set(), time.monotonic()
         while True:
             try:
                 result = attempt()
@@ -864,14 +910,30 @@ class Retrying:
                 delay = backoff.next_delay(error)
                 if self._give_up(delay):
                     raise GaveUp(error)
-                LOG.warning("%s: %s; trying again in %.1fs", failed, error, delay)
+                kind = _failure_kind(error)
+                level = logging.DEBUG if kind in said else logging.WARNING
+                said.add(kind)
+                LOG.log(level, "%s: %s; trying again in %s%s", failed, error, describe_seconds(delay),
+                        "" if backoff.failures > 1 else ", then with back-off up to %s (one line per kind "
+                        "of failure)" % describe_seconds(self.retry_max))
                 self._wait(delay)
                 if self._give_up(0.0):
                     raise GaveUp(error)
                 continue
             if backoff.failures:
-                LOG.info("The worker answers again")
+                LOG.info("The worker answers again, after %d failed tr%s in %s", backoff.failures,
+                         "ies" if backoff.failures > 1 else "y", describe_seconds(time.monotonic() - started))
             return result
+
+
+def _failure_kind(error):
+    """What makes two failures the same kind, for the log: their message without numbers."""
+    return re.sub(r"[\d.]+", "#", str(error))
+
+
+def describe_seconds(seconds):
+    """A duration as every message gives one: 0.3 s, 3.2 s, 90 s, 13200 s."""
+    return "%.2g s" % seconds if 0 < seconds < 1 else "%g s" % round(seconds, 1)
 
 
 # ---- Push wake-up: the NotifyRelay subscriber --------------------------------------
@@ -917,7 +979,7 @@ class RelayClient:
             messages = (answer.get("messages") or {}).get(RELAY_TOPIC) or []
             return [message["message"] for message in messages]
         except (ValueError, AttributeError, TypeError, KeyError):
-            raise RelayUnavailable("answered %d: %.80r" % (status, raw))
+            raise RelayUnavailable("answered %d with %s" % (status, describe_answer(raw)))
 
 
 def new_job_type(message):
@@ -945,6 +1007,8 @@ class RelaySubscriber(threading.Thread):
         super().__init__(name="notify-relay", daemon=True)
         self.relay, self._on_new_job = relay, on_new_job
         self._ignored_one = False
+        self.state = "connecting"  # then listening, retrying, or key rejected (for --listen)
+        self.notices = 0  # new-job notices received
 
     def run(self):
         LOG.info("Listening for new jobs on NotifyRelay %s (subscriber %s)", self.relay.base_url,
@@ -956,8 +1020,10 @@ class RelaySubscriber(threading.Thread):
             except RelayKeyRejected as error:
                 LOG.error("NotifyRelay %s: %s; no push wake-ups (polling the worker goes on). Check "
                           "NOTIFY_RELAY_SUBSCRIBE_KEY", self.relay.base_url, error)
+                self.state = "key rejected"
                 return
             except RelayUnavailable as error:
+                self.state = "retrying"
                 delay = backoff.next_delay()
                 if backoff.failures == 1:
                     LOG.warning("NotifyRelay %s: %s; polling the worker goes on, retrying the relay "
@@ -967,9 +1033,11 @@ class RelaySubscriber(threading.Thread):
             if backoff.failures:
                 LOG.info("NotifyRelay answers again")
                 backoff = RetryBackoff(RELAY_RETRY_MAX_S)
+            self.state = "listening"
             for message in messages:
                 job_type = new_job_type(message)
                 if job_type is not None:
+                    self.notices += 1
                     self._on_new_job(job_type)
                 elif not self._ignored_one:
                     LOG.debug("NotifyRelay: ignoring a message that is not a new-job notice: %.200r", message)
@@ -1123,6 +1191,22 @@ class StateDirectory:
                 LOG.warning("Job record %s is unreadable (%s); moved aside as %s.bad", path, error, name)
                 os.replace(path, path + ".bad")
         return sorted(records, key=lambda record: record.get("recorded_at", 0))
+
+    def waiting_records(self):
+        """(custody records holding a report, records of jobs to run again), read without
+        changing anything (job_records moves unreadable ones aside)."""
+        reports = jobs = 0
+        try:
+            names = [name for name in os.listdir(self.jobs_path) if name.endswith(".json")]
+        except OSError:
+            return 0, 0
+        for name in names:
+            try:
+                has_report = bool(_read_json(os.path.join(self.jobs_path, name)).get("report"))
+            except (OSError, ValueError, AttributeError):
+                continue
+            reports, jobs = reports + has_report, jobs + (not has_report)
+        return reports, jobs
 
     def _job_path(self, job_id):
         return os.path.join(self.jobs_path, "%s.json" % job_id.replace(os.sep, "_"))
@@ -2387,7 +2471,20 @@ JOB_PROCESS_NAME = "runpack-job"
 
 class LauncherUnavailable(Exception):
     """No job process could be had: the launcher does not start, or cannot fork. The runner
-    stops rather than fail job after job: the job stays in custody for the next start."""
+    stops rather than fail job after job: the job stays in custody for the next start.
+    ``said``: what the launcher printed, if anything (a traceback, say), for the log."""
+
+    def __init__(self, message, said=""):
+        super().__init__(message)
+        self.said = said
+
+    def __str__(self):
+        return "%s; it said:\n%s" % (self.args[0], self.said) if self.said else self.args[0]
+
+    def one_line(self):
+        """The message with the last line the launcher printed, for `run`'s one-line error."""
+        last = self.said.strip().splitlines()[-1:] if self.said else []
+        return "%s: %s" % (self.args[0], last[0].strip()) if last else self.args[0]
 
 
 class LauncherGone(Exception):
@@ -2585,12 +2682,20 @@ class JobLauncher:
         runner_end.settimeout(LAUNCHER_ANSWER_TIMEOUT_S)
         self.control, self._answers, self._errors = runner_end, runner_end.makefile("rb"), errors
         try:
-            self._read_answer()  # {"ready": true}: the launcher has imported the handler modules
+            ready = self._read_answer()  # the launcher has imported the handler modules
         except LauncherGone as gone:
             said = self._said()
             self._stop()
-            raise LauncherUnavailable("the job launcher did not start: %s%s" % (
-                gone, "; it said:\n" + said if said else ""))
+            raise LauncherUnavailable("the job launcher did not start: %s" % gone, said)
+        missing = sorted(set(JOB_HANDLERS) - set(ready["job_types"]))
+        if missing:
+            self._stop()
+            raise LauncherUnavailable(
+                "the job launcher, started as %s, does not register the job type%s %s: it starts the way "
+                "this program was started (a script, python -m package or a console script) to register "
+                "the same job types, so register them at the top level of that program or of a module it "
+                "imports" % (" ".join("(an import of)" if part == IMPORT_AND_RUN else part for part in command[1:-3]),
+                            "s" * (len(missing) > 1), ", ".join(missing)))
 
     def _said(self):
         """The last lines the launcher printed (a traceback, say), for the runner's log."""
@@ -2788,7 +2893,7 @@ class ForkServer:
         os.set_blocking(self.wakeup_writer, False)
         signal.set_wakeup_fd(self.wakeup_writer)
         signal.signal(signal.SIGCHLD, _ignore_signal)  # a Python handler: SIGCHLD wakes select
-        self._answer({"ready": True})
+        self._answer({"ready": True, "job_types": sorted(JOB_HANDLERS)})
         while True:
             ready, _, _ = select.select([self.control, self.wakeup_reader], [], [])
             if self.wakeup_reader in ready:
@@ -3193,9 +3298,10 @@ class ReportCourier:
     good, then removes the record. A stopping runner (``runner_stopping()``) keeps trying
     for twice --retry-max, then leaves the record on disk for the next start to deliver."""
 
-    def __init__(self, client, state, shutdown, retry_max, runner_stopping):
+    def __init__(self, client, state, shutdown, retry_max, runner_stopping, metrics):
         self.client, self.state, self.shutdown = client, state, shutdown
         self.retry_max, self._runner_stopping = retry_max, runner_stopping
+        self.metrics = metrics  # told how each job ended
 
     def deliver(self, record, waker):
         job_id = record["job_id"]
@@ -3224,6 +3330,8 @@ class ReportCourier:
                 self.state.save_job(record)
         self.state.forget_job(job_id)
         self._log_outcome(record, accepted)
+        self.metrics.job_ended(record["job_type"], report_outcome(record["report"], accepted),
+                               record.get("duration"))
 
     def _send(self, record):
         timeout = HARD_STOP_REPORT_TIMEOUT_S if self.shutdown.immediate else None
@@ -3253,9 +3361,24 @@ class ReportCourier:
             LOG.warning("Job %s was no longer claimed by this runner when its report arrived; "
                         "report discarded", job_id)
         elif accepted and report["kind"] == "complete":
-            LOG.info("Job %s completed in %.1fs", job_id, record.get("duration", 0.0))
+            LOG.info("Job %s completed in %s", job_id, describe_seconds(record.get("duration", 0.0)))
         elif accepted:
             LOG.warning("Job %s failed: %s", job_id, report["body"]["error_message"].splitlines()[0])
+
+
+def report_outcome(report, accepted):
+    """How a job whose report was delivered ended, for --listen's runpack_jobs_total: completed,
+    failed, invalid (its parameters), timed_out, discarded (no longer ours) or refused."""
+    if accepted is False:
+        return "discarded"
+    if accepted is None:
+        return "refused"
+    if report["kind"] == "complete":
+        return "completed"
+    message = report["body"]["error_message"]
+    if message.startswith("Invalid parameters"):
+        return "invalid"
+    return "timed_out" if message.startswith("Job execution failed: timed out after") else "failed"
 
 
 class JobSlot(threading.Thread):
@@ -3270,6 +3393,7 @@ class JobSlot(threading.Thread):
         self.shutdown, self.courier, self._on_exit = shutdown, courier, on_exit
         self.fatal = None  # a WorkerKeyRejected that must stop the runner
         self.cannot_start = None  # a LauncherUnavailable: the runner stops, the job waits for its next start
+        self.outcome = None  # how the job ended without a report: claim_lost, or interrupted
         self.waker = Waker()
 
     @property
@@ -3311,12 +3435,14 @@ class JobSlot(threading.Thread):
         if report is None and progress.cancel_reason == CLAIM_LOST_MESSAGE:
             LOG.warning("Job %s: %s; stopped it and discarded its result", self.job_id, CLAIM_LOST_MESSAGE)
             self.state.forget_job(self.job_id)
+            self.outcome = "claim_lost"
             return
         if report is None and progress.cancel_reason == STOPPED_BY_SIGNAL:
             LOG.warning("Job %s: %s; it stays claimed, and %s when the runner starts again with the "
                         "state directory %s", self.job_id, STOPPED_BY_SIGNAL,
                         "runs again" if record["attempts"] < MAX_RUN_ATTEMPTS else
                         "fails (interrupted %d times)" % record["attempts"], self.state.path)
+            self.outcome = "interrupted"
             return
         if report is None:
             report = error_report("Job execution failed: the handler ended without a result", progress.console)
@@ -3373,9 +3499,9 @@ class BatchLimits:
         if self.max_jobs and self.jobs_started >= self.max_jobs:
             return EXIT_JOBS_DONE, "ran %d job(s), as --once/--max-jobs asked" % self.jobs_started
         if self.max_uptime and now - self.started_at >= self.max_uptime:
-            return EXIT_MAX_UPTIME, "--max-uptime %gs reached; taking no new job" % self.max_uptime
+            return EXIT_MAX_UPTIME, "--max-uptime %s reached; taking no new job" % describe_seconds(self.max_uptime)
         if idle and self.idle_timeout and now - self.last_busy >= self.idle_timeout:
-            return EXIT_IDLE, "no job for %gs (--idle-timeout)" % self.idle_timeout
+            return EXIT_IDLE, "no job for %s (--idle-timeout)" % describe_seconds(self.idle_timeout)
         return None
 
     def seconds_left(self, idle):
@@ -3456,6 +3582,55 @@ class NoticeSpread:
         self.longest = max(self.SHORTEST_S, self.longest / 2)
 
 
+class NewJobNotices:
+    """Push wake-ups: the NotifyRelay subscription, and what a notice of a new job changes in
+    the loop: the runner looks again at once instead of at its next poll, after a random wait
+    (NoticeSpread) that the claims won and lost after notices adapt to the fleet."""
+
+    def __init__(self, relay, waker):
+        self.relay, self.waker = relay, waker  # a RelayClient, or None
+        self.spread = NoticeSpread()
+        self.subscriber = None  # the RelaySubscriber, once subscribed
+        self.job_types = ()
+        self.waiting = False  # a notice came since the last poll
+        self.answering = False  # this round's poll answers a notice
+
+    def subscribe(self, runner_id, runner_name, job_types):
+        self.job_types = job_types
+        if self.relay is None:
+            return
+        self.relay.subscriber_id = self.relay.subscriber_id or "runpack-runner-" + runner_id
+        self.relay.subscriber_name = runner_name or self.relay.subscriber_id
+        self.subscriber = RelaySubscriber(self.relay, self.notice)
+        self.subscriber.start()
+
+    def notice(self, job_type):
+        """A notice of a new job (from any thread): look again at once. Notices that come
+        while a round is under way just mark it."""
+        if job_type in self.job_types:
+            self.waiting = True
+            self.waker.wake()
+
+    def delay(self):
+        """The random wait before the poll that answers the notices so far."""
+        self.answering = True
+        return self.spread.delay()
+
+    def polled(self):
+        self.waiting = False  # this poll answers every notice so far
+
+    def round_ended(self):
+        self.answering = False
+
+    def claim_lost(self):
+        if self.answering:
+            self.spread.lost_claim()
+
+    def claim_won(self):
+        if self.answering:
+            self.spread.won_claim()
+
+
 class PollPacer:
     """Keeps a runner's polls under the worker's limit of 120 a minute per runner, whatever
     asks for them (the schedule, a stale list, notifications): at most POLLS_PER_MINUTE in
@@ -3498,16 +3673,216 @@ class IdleLog:
         self._idle = False
 
     def empty_poll(self, next_wait):
-        LOG.debug("No jobs available; next poll in %gs", next_wait)
+        LOG.debug("No jobs available; next poll in %s", describe_seconds(next_wait))
         now = time.monotonic()
         if not self._idle:
             self._idle, self._polls, self._counting_since = True, 0, now
-            LOG.info("No jobs available; polling every %gs or more until one comes", next_wait)
+            LOG.info("No jobs available; polling every %s or more until one comes", describe_seconds(next_wait))
         self._polls += 1
         if now - self._counting_since >= self.SUMMARY_INTERVAL_S:
             LOG.info("Still no jobs: %d polls in the last %.0f minutes", self._polls,
                      (now - self._counting_since) / 60)
             self._polls, self._counting_since = 0, now
+
+
+# ---- Metrics and health for long-running runners (--listen) -------------------------
+#
+# With --listen, a daemon thread serves GET /metrics in the Prometheus text format and GET
+# /healthz (200 while the runner works, 503 with the reason once it does not), as GitLab
+# Runner's --listen-address and Buildkite's health check do. Off by default: nothing of it
+# is started, and http.server is not imported, unless asked for.
+
+JOB_DURATION_BUCKETS_S = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 21600)
+# /healthz fails once the worker has not answered for this many times the longest a working
+# runner goes between answers (its longest poll wait, plus a retry wait and a request timeout).
+HEALTH_SILENCE_FACTOR = 2
+
+
+class JobDurations:
+    """One job type's histogram of job durations: a count per bucket bound, the count, the sum."""
+
+    def __init__(self):
+        self.buckets = [0] * len(JOB_DURATION_BUCKETS_S)
+        self.count, self.sum = 0, 0.0
+
+    def observe(self, seconds):
+        for index, bound in enumerate(JOB_DURATION_BUCKETS_S):
+            self.buckets[index] += seconds <= bound
+        self.count += 1
+        self.sum += seconds
+
+    def samples(self, job_type):
+        bounds = ["%g" % bound for bound in JOB_DURATION_BUCKETS_S] + ["+Inf"]
+        return ([("_bucket", {"job_type": job_type, "le": le}, count)
+                 for le, count in zip(bounds, self.buckets + [self.count])]
+                + [("_sum", {"job_type": job_type}, self.sum), ("_count", {"job_type": job_type}, self.count)])
+
+
+class RunnerMetrics:
+    """What a runner counts for --listen: jobs by type and outcome and their durations, claims
+    lost to other runners, and every request to the worker by endpoint and answer. Slot
+    threads, the loop and the server share it: every change is made under its lock."""
+
+    def __init__(self):
+        self.started = time.monotonic()
+        self.jobs = collections.Counter()  # (job type, outcome) -> jobs
+        self.durations = collections.defaultdict(JobDurations)  # job type -> its histogram
+        self.requests = collections.Counter()  # (endpoint, status, or "unreachable") -> requests
+        self.claims_lost = 0
+        self.last_answer = None  # time.monotonic() of the worker's last answer, of any status
+        self._lock = threading.Lock()
+
+    def worker_answered(self, endpoint, status):
+        with self._lock:
+            self.requests[endpoint, "unreachable" if status is None else str(status)] += 1
+            if status is not None:
+                self.last_answer = time.monotonic()
+
+    def job_ended(self, job_type, outcome, seconds=None):
+        with self._lock:
+            self.jobs[job_type, outcome] += 1
+            if seconds is not None:
+                self.durations[job_type].observe(seconds)
+
+    def claim_lost(self):
+        with self._lock:
+            self.claims_lost += 1
+
+    def families(self, status):
+        """Every metric family, the gauges from ``status`` (a RunnerStatus): a list of
+        (name, type, help, [(sample name suffix, labels, value)])."""
+        with self._lock:
+            jobs, requests = sorted(self.jobs.items()), sorted(self.requests.items())
+            durations = [samples for job_type, histogram in sorted(self.durations.items())
+                         for samples in histogram.samples(job_type)]
+            claims_lost = self.claims_lost
+        relay = [("", {"state": state}, int(state == status.relay_state)) for state in RELAY_STATES
+                 ] if status.relay_state else []
+        return [
+            ("runpack_build_info", "gauge", "The runner's version and Python.",
+             [("", {"version": __version__, "python": sys.version.split()[0]}, 1)]),
+            ("runpack_uptime_seconds", "gauge", "Seconds since the runner started.",
+             [("", {}, time.monotonic() - self.started)]),
+            ("runpack_jobs_total", "counter", "Jobs this runner ended, by job type and outcome.",
+             [("", {"job_type": job_type, "outcome": outcome}, count) for (job_type, outcome), count in jobs]),
+            ("runpack_job_duration_seconds", "histogram", "How long the jobs of each type ran.", durations),
+            ("runpack_slots", "gauge", "Jobs this runner runs at once (--concurrency).", [("", {}, status.slots)]),
+            ("runpack_slots_busy", "gauge", "Jobs running now.", [("", {}, status.slots_busy)]),
+            ("runpack_claims_lost_total", "counter", "Claims that another runner won.", [("", {}, claims_lost)]),
+            ("runpack_worker_requests_total", "counter",
+             "Requests to the worker, by endpoint and HTTP status (unreachable: no answer).",
+             [("", {"endpoint": endpoint, "status": code}, count) for (endpoint, code), count in requests]),
+            ("runpack_worker_last_answer_seconds", "gauge", "Seconds since the worker last answered.",
+             [("", {}, time.monotonic() - self.last_answer)] if self.last_answer is not None else []),
+            ("runpack_reports_pending", "gauge", "Reports kept in the state directory, not yet accepted.",
+             [("", {}, status.reports_pending)]),
+            ("runpack_relay_state", "gauge", "The NotifyRelay subscription's state (1: the current one).", relay),
+            ("runpack_relay_notices_total", "counter", "New-job notices from NotifyRelay.",
+             [("", {}, status.relay_notices)] if status.relay_state else []),
+        ]
+
+
+RELAY_STATES = ("connecting", "listening", "retrying", "key rejected")
+RunnerStatus = collections.namedtuple("RunnerStatus", "slots slots_busy reports_pending relay_state relay_notices "
+                                                      "stopping")
+
+
+def prometheus_text(families):
+    """The Prometheus text exposition format (0.0.4) of ``families`` (RunnerMetrics.families)."""
+    lines = []
+    for name, kind, help_text, samples in families:
+        lines += ["# HELP %s %s" % (name, help_text), "# TYPE %s %s" % (name, kind)]
+        for suffix, labels, value in samples:
+            text = ",".join('%s="%s"' % (key, _label_value(labels[key])) for key in labels)
+            lines.append("%s%s%s %s" % (name, suffix, "{%s}" % text if text else "", _sample_value(value)))
+    return "\n".join(lines) + "\n"
+
+
+def _label_value(value):
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _sample_value(value):
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+def _host_and_port(address):
+    host, port = address[:2]
+    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+
+
+class RunnerHealth:
+    """/healthz: healthy while the worker answers (any status: a 429 is an answer too) or the
+    runner retries within its policy; not once it has gone unanswered for longer than a
+    working runner ever does (HEALTH_SILENCE_FACTOR), nor while it stops."""
+
+    def __init__(self, metrics, settings):
+        self.metrics = metrics
+        self.silence_limit = HEALTH_SILENCE_FACTOR * (settings.poll_interval_max + settings.retry_max
+                                                      + settings.request_timeout)
+
+    def check(self, status):
+        """(HTTP status, one line)."""
+        if status.stopping:
+            return 503, "stopping: %s" % status.stopping
+        last = self.metrics.last_answer
+        silent = time.monotonic() - (self.metrics.started if last is None else last)
+        if silent > self.silence_limit:
+            return 503, "the worker has not answered for %s (more than %s); see the runner's log" % (
+                describe_seconds(silent), describe_seconds(self.silence_limit))
+        if last is None:
+            return 200, "ok: starting, the worker has not answered yet"
+        return 200, "ok: the worker answered %s ago" % describe_seconds(silent)
+
+
+class StatusServer:
+    """--listen: /metrics and /healthz on a stdlib HTTP server in a daemon thread. ``status()``
+    gives the runner's RunnerStatus at each request."""
+
+    def __init__(self, address, metrics, health, status):
+        import http.server
+
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                code, body, kind = server.answer(self.path.split("?")[0])
+                data = body.encode("utf-8")
+                self.send_response(code)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format, *args):  # a scrape every few seconds is no news
+                pass
+
+        self.metrics, self.health, self.status = metrics, health, status
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        server_class = type("StatusHTTPServer", (http.server.ThreadingHTTPServer,),
+                            {"address_family": family, "daemon_threads": True})
+        try:
+            self.httpd = server_class(address, Handler)
+        except OSError as error:
+            raise ConfigurationError("cannot listen on %s (--listen): %s" % (
+                _host_and_port(address), error.strerror or error))
+        self.address = self.httpd.server_address[:2]
+
+    def start(self):
+        threading.Thread(target=self.httpd.serve_forever, name="status-server", daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def answer(self, path):
+        """(HTTP status, body, content type) for a GET of ``path``."""
+        if path == "/metrics":
+            return 200, prometheus_text(self.metrics.families(self.status())), "text/plain; version=0.0.4"
+        if path == "/healthz":
+            code, line = self.health.check(self.status())
+            return code, line + "\n", "text/plain"
+        return 404, "not found: try /metrics or /healthz\n", "text/plain"
 
 
 # ---- The runner loop: identity, poll, claim, signals -------------------------------
@@ -3526,26 +3901,26 @@ class Runner:
         self.waker = Waker()
         self.shutdown = ShutdownRequests(self.waker)
         self.limits = BatchLimits(settings)
+        self.metrics = RunnerMetrics()
+        client.on_answer = self.metrics.worker_answered
         self.courier = ReportCourier(client, state, self.shutdown, settings.retry_max,
-                                     lambda: self._decide_stop(idle=True))
+                                     lambda: self._decide_stop(idle=True), self.metrics)
         self.retrying = Retrying(settings.retry_max, self._sleep_until_limit,
                                  lambda delay: self._decide_stop(idle=True))
         self.spreading = ClaimSpreading()
-        self.notice_spread = NoticeSpread()
+        self.notices = NewJobNotices(relay, self.waker)
         self.pacer = PollPacer()
         self.idle_log = IdleLog()
-        self.relay = relay  # a RelayClient, or None
         self.job_limits = JobLimits.from_settings(settings)
         self.launcher = new_job_launcher(settings.in_process, settings.handlers, self.job_limits,
                                          not settings.no_warm_imports)
         self.job_types = []
-        self._look_again = False  # a new-job notice came since the last poll
-        self._after_notice = False  # this round's poll answers a notice
         self._slots = {}  # job id -> its JobSlot
         self._lock = threading.Lock()  # slot threads end themselves: _slots is read and changed under it
         self._fatal = None
         self._stop_code = self._stop_reason = None
         self._reached_worker = False  # registered or verified: a batch limit before that is a failure
+        self.status_server = None  # a StatusServer, with --listen
 
     def run(self):
         """Serve until shut down or a batch limit is reached; returns the process exit code."""
@@ -3554,6 +3929,16 @@ class Runner:
         finally:
             if self.launcher is not None:
                 self.launcher.close()
+            if self.status_server is not None:
+                self.status_server.close()
+
+    def status(self):
+        """What --listen shows of the runner now (see RunnerStatus)."""
+        subscriber = self.notices.subscriber
+        stopping = ("a shutdown signal came" if self.shutdown.graceful else self._stop_reason or "")
+        return RunnerStatus(self.settings.concurrency, len(self._running()), self.state.waiting_records()[0],
+                            subscriber.state if subscriber else "", subscriber.notices if subscriber else 0,
+                            stopping)
 
     def _run(self):
         self.shutdown.install()
@@ -3571,6 +3956,15 @@ class Runner:
         except LauncherUnavailable as error:
             LOG.error("Cannot start job processes: %s; stopping", error)
             return EXIT_NO_JOB_PROCESSES
+        if self.settings.listen:
+            try:
+                self.status_server = StatusServer(self.settings.listen, self.metrics,
+                                                  RunnerHealth(self.metrics, self.settings), self.status)
+            except ConfigurationError as error:
+                LOG.error("%s; stopping", error)
+                return EXIT_USAGE
+            self.status_server.start()
+            LOG.info("Serving /metrics and /healthz on http://%s/", _host_and_port(self.status_server.address))
         try:
             try:
                 self._sleep_until_limit(random.uniform(0, min(START_JITTER_MAX_S, self.settings.poll_interval / 10)))
@@ -3635,12 +4029,8 @@ class Runner:
         LOG.info("Registered as %s (id %s)", name, runner_id)
 
     def _subscribe_to_relay(self):
-        if self.relay is None:
-            return
         identity = self.state.load_identity() or {}
-        self.relay.subscriber_id = self.relay.subscriber_id or "runpack-runner-" + self.client.runner_id
-        self.relay.subscriber_name = identity.get("runner_name") or self.relay.subscriber_id
-        RelaySubscriber(self.relay, self.notice_new_job).start()
+        self.notices.subscribe(self.client.runner_id, identity.get("runner_name"), self.job_types)
 
     def _reregister_if_forgotten(self):
         identity = self.state.load_identity() or {}
@@ -3662,22 +4052,14 @@ class Runner:
                 continue
             if self._decide_stop(idle=True):
                 break
-            if not self._look_again:
+            if not self.notices.waiting:
                 self.idle_log.empty_poll(interval)
                 if self.launcher is not None and not self._running():
                     self.launcher.rest()
-                self._sleep_until_limit(interval, until=lambda: self._look_again)
+                self._sleep_until_limit(interval, until=lambda: self.notices.waiting)
                 interval = min(interval + self.settings.poll_interval_step, self.settings.poll_interval_max)
-            if self._look_again:  # a fleet woken by one notice does not poll all at once
-                self._sleep_until_limit(self.notice_spread.delay())
-                self._after_notice = True
-
-    def notice_new_job(self, job_type):
-        """A notification of a new job (from any thread): look again at once, not at the
-        next poll. Notices that come while a round is under way just mark it."""
-        if job_type in self.job_types:
-            self._look_again = True
-            self.waker.wake()
+            if self.notices.waiting:  # a fleet woken by one notice does not poll all at once
+                self._sleep_until_limit(self.notices.delay())
 
     def _poll_round(self):
         """Settle left custody records, poll once and claim down the list; True when the
@@ -3688,7 +4070,7 @@ class Runner:
             self._sleep_until_limit(self.pacer.wait_before_poll())
             if self._decide_stop():
                 return False
-            self._look_again = False  # this poll answers every notice so far
+            self.notices.polled()
             self.pacer.polled()
             return self._work_through(self.client.available(self.job_types))
         except WorkerKeyRejected:
@@ -3699,7 +4081,7 @@ class Runner:
             raise JobRecordsUnwritable("cannot write job records in %s (%s); claiming nothing until "
                                        "it works" % (self.state.jobs_path, error.strerror or error))
         finally:
-            self._after_notice = False
+            self.notices.round_ended()
 
     def _work_through(self, jobs):
         """Claim down the polled list, in the order ClaimSpreading gives, while slots are
@@ -3729,16 +4111,15 @@ class Runner:
             if job is None:
                 self.state.forget_job(record["job_id"])
                 self.spreading.lost_claim()
-                if self._after_notice:
-                    self.notice_spread.lost_claim()
+                self.notices.claim_lost()
+                self.metrics.claim_lost()
                 if self.pacer.wait_before_poll() == 0:
                     return True
                 continue
             if isinstance(job.get("input_params"), dict):
                 record["input_params"] = job["input_params"]
             self._start_slot(record)
-            if self._after_notice:
-                self.notice_spread.won_claim()
+            self.notices.claim_won()
             started = True
         return started
 
@@ -3791,6 +4172,8 @@ class Runner:
         slot.start()
 
     def _slot_ended(self, slot):
+        if slot.outcome is not None:
+            self.metrics.job_ended(slot.record["job_type"], slot.outcome)
         with self._lock:
             self._slots.pop(slot.job_id, None)
             self._fatal = self._fatal or slot.fatal
@@ -3969,7 +4352,7 @@ def run_locally(job_type, input_params, settings, out=None, err=None, hint=lambd
         try:
             report = execution.run(settings.job_timeout)
         except LauncherUnavailable as error:
-            err.write("Error: cannot start a job process: %s\n" % error)
+            err.write("Error: cannot start a job process: %s\n" % error.one_line())
             return EXIT_FAILURE
         finally:
             progress.finish()
@@ -4123,6 +4506,11 @@ def _check_state_directory(checklist, state):
     identity = state.load_identity()
     if identity is None:
         checklist.line("Identity", "none yet: the runner registers when it starts")
+    reports, jobs = state.waiting_records()
+    if reports or jobs:
+        checklist.line("Job records", "%d report%s to deliver and %d claimed job%s to run again, in %s: the "
+                       "runner settles them when it starts on this state directory (do not delete it)" % (
+                           reports, "s" * (reports != 1), jobs, "s" * (jobs != 1), state.jobs_path))
     return identity
 
 
@@ -4202,6 +4590,22 @@ Set it to the runner key of your Runpack worker, then start the runner again:
     python3 runpack_runner.py runner"""
 
 
+RUNNER_EXIT_CODES = """\
+exit codes (a restart cannot fix 2, 3, 4 and 8: see systemd's RestartPreventExitStatus=):
+  0        stopped by SIGINT/SIGTERM after finishing its jobs
+  1        an unexpected error (traceback in the log), or a batch limit before the worker
+           was ever reached
+  2        a bad command line or setting, no key, an unusable state directory, or a URL
+           that is not a Runpack worker's
+  3        the worker rejected the key
+  4        another runner holds the state directory
+  5, 6, 7  --once or --max-jobs: the jobs ran; --idle-timeout: no job came; --max-uptime:
+           the time was up
+  8        job processes cannot be started here (the job stays for the next start)
+  128+N    stopped by a second signal N
+"""
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="runpack", description="Runpack runner: serve jobs from a Runpack worker, or run one here.")
@@ -4211,7 +4615,8 @@ def build_parser():
         "runner", help="register with the worker and serve jobs until stopped",
         description="Serve jobs from a Runpack worker. Needs %s in the environment. The first "
                     "SIGINT/SIGTERM finishes the running job and stops; a second one stops the job "
-                    "now and leaves it to the next start on the same state directory." % API_KEY_ENV)
+                    "now and leaves it to the next start on the same state directory." % API_KEY_ENV,
+        epilog=RUNNER_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_setting_flags(runner, RUNNER_SETTINGS)
     check = commands.add_parser(
         "check", help="say whether this machine can serve jobs, and what to fix if not",

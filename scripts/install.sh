@@ -6,7 +6,8 @@
 #   sh install.sh --from-file ./runpack_runner.py      # offline
 #   sh install.sh --help
 #
-# It fetches runpack_runner.py, checks that it is a Python file that compiles,
+# It fetches runpack_runner.py, checks that it is this runner (its docstring, its
+# __version__ line, that it compiles and that --version names the same version),
 # moves it atomically into the prefix and writes a small `runpack` wrapper in
 # <prefix>/bin. It never asks for, reads or prints the runner's API key.
 
@@ -16,7 +17,12 @@ DEFAULT_RUNPACK_RUNNER_URL="https://raw.githubusercontent.com/neurosift/runpack-
 
 MIN_PYTHON_MAJOR=3
 MIN_PYTHON_MINOR=8
+# What --with-figpack installs: the figpack_nwb_raster_plot job type's packages.
 FIGPACK_PACKAGES="figpack figpack-spike-sorting lindi"
+# What it cannot install: the video-preview and pose job types also need figpack's extension
+# packages, which are not on PyPI and are built from the figpack project's source.
+FIGPACK_SOURCE_URL="https://github.com/flatironinstitute/figpack"
+FIGPACK_EXTENSION_PACKAGES="figpack lindi h5py numpy imageio-ffmpeg"
 # figpack installs on older Pythons but fails to import there.
 FIGPACK_MIN_PYTHON_MINOR=9
 
@@ -41,9 +47,12 @@ Options:
                      \$HOME/.local/share/runpack); the wrapper goes in DIR/bin
   --with-figpack     also create DIR/venv and pip install
                      $FIGPACK_PACKAGES
-                     there (needed only for figpack jobs; Python >= 3.$FIGPACK_MIN_PYTHON_MINOR);
-                     the wrapper then uses the venv's python
+                     there (Python >= 3.$FIGPACK_MIN_PYTHON_MINOR); the wrapper then uses the venv's python.
+                     That serves figpack_nwb_raster_plot only: see below
   -h, --help         show this help and exit
+
+What --with-figpack does not install:
+$(figpack_extension_steps pip)
 
 Environment:
   PYTHON               python to use (default: python3; must be >= $MIN_PYTHON_MAJOR.$MIN_PYTHON_MINOR)
@@ -54,6 +63,21 @@ EOF
 
 say() {
     printf '%s\n' "$*"
+}
+
+# The packages the figpack video-preview and pose job types need that --with-figpack does not
+# install, and how to install them with the pip command $1.
+figpack_extension_steps() {
+    cat <<EOF
+  figpack_nwb_video_preview and figpack_nwb_pose_estimation need figpack's extension
+  packages figpack_experimental (video) and figpack_nwb (pose). They are not on PyPI, so
+  this installer cannot install them: build them from the figpack project's source
+  (needs git and npm), and install the other packages they need:
+    git clone $FIGPACK_SOURCE_URL
+    cd figpack/extension_packages/figpack_experimental && npm install && npm run build && $1 install .
+    cd ../figpack_nwb && npm install && npm run build && $1 install .
+    $1 install $FIGPACK_EXTENSION_PACKAGES
+EOF
 }
 
 die() {
@@ -256,12 +280,48 @@ else
     fi
 fi
 
+# ---------------------------------------------------------------- is it the runner?
+# A download gone wrong (an HTML error page, another project's file) must never take the
+# installed runner's place: the file must be this runner before anything is touched.
+if [ -e "$PREFIX/runpack_runner.py" ]; then
+    KEPT="the installed $PREFIX/runpack_runner.py is unchanged"
+else
+    KEPT="nothing was installed"
+fi
+refuse() {
+    die "refusing to install $SOURCE_DESC: $1; $KEPT"
+}
+
+# The version in a runner file's `__version__ = "X.Y.Z"` line, or nothing.
+runner_version() {
+    sed -n 's/^__version__ = "\([^"]*\)"[[:space:]]*$/\1/p' "$1" | head -n 1
+}
+
 if [ ! -s "$NEW_FILE" ]; then
-    die "refusing to install: $SOURCE_DESC is empty"
+    refuse "it is empty"
+fi
+# Its first line that is neither blank nor a comment: the module docstring.
+FIRST_LINE=$(awk 'NF && !/^[[:space:]]*#/ { print; exit }' "$NEW_FILE")
+case $FIRST_LINE in
+    '"""Runpack runner:'*) ;;
+    '<'*) refuse "it is an HTML page (an error page from the server?), not runpack_runner.py" ;;
+    *) refuse "it is not runpack_runner.py (it does not start with the docstring \"\"\"Runpack runner: ...)" ;;
+esac
+NEW_VERSION=$(runner_version "$NEW_FILE")
+if [ -z "$NEW_VERSION" ]; then
+    refuse "it is not runpack_runner.py (it has no __version__ = \"...\" line)"
 fi
 if ! (cd "$TMP_DIR" && "$PY_EXE" -m py_compile runpack_runner.py) >"$TMP_DIR/compile.log" 2>&1; then
-    sed 's/^/    /' "$TMP_DIR/compile.log" >&2
-    die "refusing to install: $SOURCE_DESC is not a Python file that compiles with Python $PY_VERSION (nothing was installed)"
+    refuse "it does not compile with Python $PY_VERSION (a truncated download?): $(grep . "$TMP_DIR/compile.log" | tail -n 1)"
+fi
+VERSION_SAID=$(cd "$TMP_DIR" && "$PY_EXE" runpack_runner.py --version </dev/null 2>/dev/null | head -n 1)
+if [ "$VERSION_SAID" != "runpack-runner $NEW_VERSION" ]; then
+    if [ -n "$VERSION_SAID" ]; then
+        VERSION_SAID="'$(printf '%s' "$VERSION_SAID" | cut -c 1-60)'"
+    else
+        VERSION_SAID="nothing"
+    fi
+    refuse "it is not runpack_runner.py (its --version printed $VERSION_SAID, not 'runpack-runner $NEW_VERSION')"
 fi
 
 # ---------------------------------------------------------------- prefix
@@ -300,33 +360,40 @@ elif [ -x "$VENV_DIR/bin/python" ]; then
 fi
 
 # ---------------------------------------------------------------- install
-# Move $1 (a file in $PREFIX-local temp space) into place as $2 atomically,
-# and report whether it was new, updated or unchanged.
+# Move $1 (a file in $PREFIX-local temp space) into place as $2 atomically, and set
+# OUTCOME to installed, updated or unchanged.
 install_file() {
     src=$1
     dst=$2
-    label=$3
     if [ -f "$dst" ] && cmp -s "$src" "$dst"; then
         rm -f "$src"
         chmod 755 "$dst" || die "cannot chmod $dst"
-        say "$label: already up to date ($dst)"
+        OUTCOME=unchanged
         return 0
     fi
     if [ -e "$dst" ]; then
-        what="updated"
+        OUTCOME=updated
     else
-        what="installed"
+        OUTCOME=installed
     fi
     chmod 755 "$src" || die "cannot chmod $src"
-    mv -f "$src" "$dst" || die "cannot move the new $label into place at $dst"
+    mv -f "$src" "$dst" || die "cannot move the new $(basename "$dst") into place at $dst"
     CHANGED=1
-    say "$label: $what ($dst)"
 }
 
+OLD_VERSION=""
+if [ -f "$TARGET" ]; then
+    OLD_VERSION=$(runner_version "$TARGET")
+fi
 # Copy into the prefix first, so the final rename is within one file system.
 PREFIX_TMP_FILE="$PREFIX/.runpack_runner.py.tmp.$$"
 cp "$NEW_FILE" "$PREFIX_TMP_FILE" || die "cannot write to $PREFIX"
-install_file "$PREFIX_TMP_FILE" "$TARGET" "runpack_runner.py"
+install_file "$PREFIX_TMP_FILE" "$TARGET"
+case $OUTCOME in
+    unchanged) say "runpack-runner $NEW_VERSION, unchanged: already up to date ($TARGET)" ;;
+    updated) say "runpack-runner ${OLD_VERSION:-(unknown version)} → $NEW_VERSION: updated ($TARGET)" ;;
+    *) say "runpack-runner $NEW_VERSION: installed ($TARGET)" ;;
+esac
 
 PREFIX_TMP_FILE="$BIN_DIR/.runpack.tmp.$$"
 {
@@ -334,8 +401,13 @@ PREFIX_TMP_FILE="$BIN_DIR/.runpack.tmp.$$"
     say '# Runpack runner wrapper, written by scripts/install.sh (re-run it to regenerate).'
     say "exec $(shquote "$RUN_PY") $(shquote "$TARGET") \"\$@\""
 } >"$PREFIX_TMP_FILE" || die "cannot write to $BIN_DIR"
-install_file "$PREFIX_TMP_FILE" "$WRAPPER" "wrapper"
+install_file "$PREFIX_TMP_FILE" "$WRAPPER"
 PREFIX_TMP_FILE=""
+if [ "$OUTCOME" = unchanged ]; then
+    say "wrapper: already up to date ($WRAPPER)"
+else
+    say "wrapper: $OUTCOME ($WRAPPER)"
+fi
 
 if [ "$CHANGED" = 0 ]; then
     say "Already installed and up to date in $PREFIX; nothing changed (re-running is safe)."
@@ -345,12 +417,16 @@ fi
 
 # ---------------------------------------------------------------- next steps
 QW=$(shquote "$WRAPPER")
+QP=$(shquote "$PREFIX")
+STATE_DIR="$PREFIX/state"
 if [ "$RUN_PY" = "$VENV_DIR/bin/python" ]; then
     FIGPACK_STEP="
-  # figpack jobs (figpack_nwb_raster_plot) also need your figpack API key:
+  # figpack jobs also need your figpack API key:
   export FIGPACK_API_KEY=..."
+    VENV_FILES=" $(shquote "$VENV_DIR")"
 else
     FIGPACK_STEP=""
+    VENV_FILES=""
 fi
 cat <<EOF
 
@@ -360,10 +436,30 @@ Next steps:
 
   # run it as a runner (put your own key in place of ...); check says what is missing:
   export RUNPACK_RUNNER_API_KEY=...$FIGPACK_STEP
-  $QW check --state-dir $(shquote "$PREFIX/state")
-  $QW runner --state-dir $(shquote "$PREFIX/state")
+  $QW check --state-dir $(shquote "$STATE_DIR")
+  $QW runner --state-dir $(shquote "$STATE_DIR")
 
   # optional: make 'runpack' available by name
   export PATH=$(shquote "$BIN_DIR"):\$PATH
+EOF
+if [ -n "$FIGPACK_STEP" ]; then
+    cat <<EOF
+
+figpack: $(shquote "$VENV_DIR") has $FIGPACK_PACKAGES,
+  which serve figpack_nwb_raster_plot. Not installed:
+$(figpack_extension_steps "$(shquote "$RUN_PY") -m pip")
+EOF
+fi
+cat <<EOF
+
+To uninstall: stop the runner, then remove what this installer wrote (not the whole prefix,
+which may hold state directories):
+  rm -rf $(shquote "$TARGET") $(shquote "$WRAPPER") $(shquote "$PREFIX/__pycache__")/runpack_runner.*.pyc$VENV_FILES
+  rmdir $(shquote "$PREFIX/__pycache__") $(shquote "$BIN_DIR") $QP   # removes only empty folders
+A state directory such as $(shquote "$STATE_DIR") keeps, in .runpack_jobs/, the records of
+claimed jobs that its runner must still finish (the worker never times a job out): remove it
+only when
+  ls $(shquote "$STATE_DIR/.runpack_jobs")
+lists nothing; if it lists files, start the runner on that directory once to settle them.
 EOF
 exit 0

@@ -24,8 +24,24 @@ REAL_RUNNER = REPO / "runpack_runner.py"
 # HPC nodes), plus dash and bash explicitly when present.
 SHELLS = [s for s in ("sh", "dash", "bash") if shutil.which(s)]
 
-# A tiny stand-in for runpack_runner.py: echoes its arguments as JSON.
-STAND_IN = "import json, sys\nprint(json.dumps(sys.argv[1:]))\n"
+
+
+def stand_in_text(version="0.1.0"):
+    """A tiny stand-in for runpack_runner.py that the installer takes for the runner (its docstring,
+    its __version__ line, its --version), and that echoes its other arguments as JSON."""
+    return (
+        '#!/usr/bin/env python3\n'
+        '"""Runpack runner: a stand-in for the installer tests."""\n'
+        '__version__ = "%s"\n'
+        'import json, sys\n'
+        'if sys.argv[1:] == ["--version"]:\n'
+        '    print("runpack-runner " + __version__)\n'
+        'else:\n'
+        '    print(json.dumps(sys.argv[1:]))\n' % version
+    )
+
+
+STAND_IN = stand_in_text()
 
 SECRET = "sk-test-secret-value-that-must-never-be-printed"
 
@@ -159,15 +175,28 @@ def test_second_run_is_idempotent_and_says_nothing_changed(tmp_path, stand_in, s
 
 
 @pytest.mark.slow
-def test_rerun_with_a_new_runner_file_updates_it(tmp_path, stand_in):
+def test_rerun_with_a_new_runner_file_updates_it_and_says_old_and_new_version(tmp_path, stand_in):
     prefix = tmp_path / "prefix"
-    assert run_install(tmp_path, "--from-file", str(stand_in), "--prefix", str(prefix)).returncode == 0
+    first = run_install(tmp_path, "--from-file", str(stand_in), "--prefix", str(prefix))
+    assert first.returncode == 0, first.stderr
+    assert "runpack-runner 0.1.0: installed" in first.stdout
     newer = tmp_path / "newer.py"
-    newer.write_text(STAND_IN + "# v2\n")
+    newer.write_text(stand_in_text("0.2.0"))
     r = run_install(tmp_path, "--from-file", str(newer), "--prefix", str(prefix))
     assert r.returncode == 0, r.stderr
-    assert "updated" in r.stdout
-    assert (prefix / "runpack_runner.py").read_text().endswith("# v2\n")
+    assert "runpack-runner 0.1.0 \u2192 0.2.0: updated" in r.stdout
+    assert (prefix / "runpack_runner.py").read_text() == stand_in_text("0.2.0")
+
+
+@pytest.mark.slow
+def test_rerun_with_the_same_runner_says_its_version_is_unchanged(tmp_path, stand_in):
+    prefix = tmp_path / "prefix"
+    args = ("--from-file", str(stand_in), "--prefix", str(prefix))
+    assert run_install(tmp_path, *args).returncode == 0
+    r = run_install(tmp_path, *args)
+    assert r.returncode == 0, r.stderr
+    assert "runpack-runner 0.1.0, unchanged" in r.stdout
+    assert "\u2192" not in r.stdout
 
 
 @pytest.mark.slow
@@ -269,7 +298,34 @@ def test_with_figpack_the_next_steps_ask_for_the_figpack_api_key(tmp_path, stand
     assert "export RUNPACK_RUNNER_API_KEY=..." in next_steps
 
 
-def test_with_figpack_on_python_3_8_is_refused_before_installing_anything(tmp_path, stand_in):
+@pytest.mark.slow
+def test_with_figpack_says_what_it_installed_and_how_to_build_what_it_did_not(tmp_path, stand_in):
+    prefix = tmp_path / "prefix"
+    python = python_for_figpack()
+    venv_python = stub_figpack_venv(prefix, python)
+    r = run_install(tmp_path, "--from-file", str(stand_in), "--prefix", str(prefix), "--with-figpack",
+                    PYTHON=python)
+    assert r.returncode == 0, r.stderr
+    figpack_note = r.stdout.split("\nfigpack: ")[1].split("\nTo uninstall")[0]
+    assert "figpack figpack-spike-sorting lindi" in figpack_note
+    assert "figpack_nwb_raster_plot" in figpack_note
+    assert_names_what_with_figpack_does_not_install(figpack_note, pip="%s -m pip" % venv_python)
+
+
+def assert_names_what_with_figpack_does_not_install(text, pip):
+    """The video-preview and pose job types' extension packages, not on PyPI, built from source."""
+    for job_type in ("figpack_nwb_video_preview", "figpack_nwb_pose_estimation"):
+        assert job_type in text
+    assert "not on PyPI" in text
+    assert "git clone https://github.com/flatironinstitute/figpack" in text
+    for package in ("figpack_experimental", "figpack_nwb"):
+        assert ("cd %s && npm install && npm run build && %s install ." % (package, pip)) in text.replace(
+            "figpack/extension_packages/", "").replace("../", "")
+    assert "%s install figpack lindi h5py numpy imageio-ffmpeg" % pip in text
+
+
+def test_with_figpack_on_python_3_8_is_refused_before_installing_anything_with_no_pip_line(
+        tmp_path, stand_in):
     fake = tmp_path / "python3.8"
     fake.write_text("#!/bin/sh\necho 3.8.18\n")
     fake.chmod(0o755)
@@ -278,7 +334,20 @@ def test_with_figpack_on_python_3_8_is_refused_before_installing_anything(tmp_pa
                     PYTHON=str(fake))
     assert r.returncode == 1
     assert "--with-figpack needs Python 3.9 or newer" in r.stderr and "3.8.18" in r.stderr
+    assert "pip install" not in r.stdout + r.stderr
     assert not prefix.exists()
+
+
+@pytest.mark.slow
+def test_on_python_3_8_the_output_has_no_pip_line(tmp_path):
+    python38 = find_python("python3.8")
+    if python38 is None:
+        pytest.skip("python3.8 not installed")
+    r = run_install(tmp_path, "--from-file", str(REAL_RUNNER), "--prefix", str(tmp_path / "prefix"),
+                    PYTHON=python38)
+    assert r.returncode == 0, r.stderr
+    assert "Using Python 3.8." in r.stdout
+    assert "pip install" not in r.stdout + r.stderr
 
 
 @pytest.mark.slow
@@ -355,27 +424,63 @@ def test_failed_download_installs_nothing(tmp_path):
 # ------------------------------------------------------------------ refusals
 
 
+HTML_ERROR_PAGE = "<!DOCTYPE html>\n<html><body>404: Not Found</body></html>\n"
+
+
 @pytest.mark.parametrize("shell", SHELLS)
-def test_non_python_file_is_refused_and_nothing_installed(tmp_path, shell):
+def test_html_page_is_refused_in_one_line_and_nothing_installed(tmp_path, shell):
     bogus = tmp_path / "index.html"
-    bogus.write_text("<html><body>404: Not Found</body></html>\n")
+    bogus.write_text(HTML_ERROR_PAGE)
     prefix = tmp_path / "prefix"
     r = run_install(tmp_path, "--from-file", str(bogus), "--prefix", str(prefix), shell=shell)
-    assert r.returncode != 0
-    assert "not a Python file" in r.stderr
+    assert r.returncode == 1
+    assert r.stderr.splitlines() == [
+        "install.sh: error: refusing to install %s: it is an HTML page (an error page from the server?), "
+        "not runpack_runner.py; nothing was installed" % bogus
+    ]
     assert_nothing_installed(prefix)
     assert list(_tmpdir(tmp_path).iterdir()) == []
 
 
+def installed_files(prefix):
+    return {p: p.read_bytes() for p in assert_installed(prefix)}
+
+
+# Files that are not the runner, and what the refusal says of each.
+NOT_THE_RUNNER = {
+    "html-page": (HTML_ERROR_PAGE, "it is an HTML page"),
+    "plain-text": ("This is plain text, it's not Python.\n", "does not start with the docstring"),
+    "other-python-file": ('"""Some other tool."""\n__version__ = "0.1.0"\nprint("runpack-runner 0.1.0")\n',
+                          'does not start with the docstring """Runpack runner:'),
+    "no-version-line": ('"""Runpack runner: but no version."""\nimport sys\n', "no __version__"),
+    "truncated-download": (STAND_IN[:STAND_IN.index("else:")] + "else\n", "does not compile"),
+    "wrong-version-output": (stand_in_text().replace('"runpack-runner " + __version__', '"something else"'),
+                             "its --version printed 'something else', not 'runpack-runner 0.1.0'"),
+    "version-mismatch": (stand_in_text().replace('"runpack-runner " + __version__', '"runpack-runner 9.9.9"'),
+                         "not 'runpack-runner 0.1.0'"),
+}
+
+
 @pytest.mark.slow
-def test_non_python_file_does_not_replace_an_existing_install(tmp_path, stand_in):
+@pytest.mark.parametrize("how", ["from-file", "url"])
+@pytest.mark.parametrize("kind", sorted(NOT_THE_RUNNER))
+def test_file_that_is_not_the_runner_is_refused_and_the_installed_runner_kept(tmp_path, stand_in, kind, how):
     prefix = tmp_path / "prefix"
     assert run_install(tmp_path, "--from-file", str(stand_in), "--prefix", str(prefix)).returncode == 0
-    bogus = tmp_path / "bogus.py"
-    bogus.write_text("This is plain text, it's not Python.\n")
-    r = run_install(tmp_path, "--from-file", str(bogus), "--prefix", str(prefix))
-    assert r.returncode != 0
-    assert (prefix / "runpack_runner.py").read_text() == STAND_IN
+    before = installed_files(prefix)
+    text, reason = NOT_THE_RUNNER[kind]
+    bogus = tmp_path / "download" / "runpack_runner.py"
+    bogus.parent.mkdir()
+    bogus.write_text(text)
+    source = ("--from-file", str(bogus)) if how == "from-file" else ("--url", bogus.as_uri())
+    r = run_install(tmp_path, *source, "--prefix", str(prefix))
+    assert r.returncode == 1
+    [line] = r.stderr.splitlines()
+    assert line.startswith("install.sh: error: refusing to install ")
+    assert reason in line
+    assert line.endswith("; the installed %s is unchanged" % (prefix / "runpack_runner.py"))
+    assert installed_files(prefix) == before
+    assert sorted(p.name for p in prefix.iterdir()) == ["bin", "runpack_runner.py"]
 
 
 def test_empty_file_is_refused(tmp_path):
@@ -468,9 +573,92 @@ def test_help_prints_usage_with_every_option(tmp_path, flag):
     assert r.stdout.startswith("Usage:")
     for option in ("--from-file", "--url", "--prefix", "--with-figpack", "--help"):
         assert option in r.stdout
-    for package in ("figpack", "figpack-spike-sorting", "lindi"):
-        assert package in r.stdout
+    assert "figpack figpack-spike-sorting lindi" in r.stdout
     assert not (tmp_path / "home").exists()
+
+
+def test_help_says_what_with_figpack_does_not_install_and_how_to_build_it(tmp_path):
+    r = run_install(tmp_path, "--help")
+    assert r.returncode == 0
+    assert_names_what_with_figpack_does_not_install(r.stdout.split("does not install")[1], pip="pip")
+
+
+def test_installer_never_names_a_runpack_runner_package_on_the_index():
+    # There is no package "runpack-runner" on PyPI: `pip install 'runpack-runner[...]'` installs nothing.
+    assert "runpack-runner[" not in INSTALL_SH.read_text()
+
+
+# ------------------------------------------------------------------ uninstall
+
+
+def uninstall_commands(install_output):
+    """The commands the installer prints under "To uninstall"."""
+    block = install_output.split("To uninstall")[1]
+    return [line.strip() for line in block.splitlines() if line.startswith(("  rm ", "  rmdir "))]
+
+
+def custody_record(state_dir):
+    record = state_dir / ".runpack_jobs" / "fb0943e7.json"
+    record.parent.mkdir(parents=True)
+    record.write_text('{"job_id": "fb0943e7"}')
+    return record
+
+
+def run_shell(command, **env):
+    return subprocess.run(["sh", "-c", command], env=dict(os.environ, **env), stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("with_figpack", [False, True])
+def test_printed_uninstall_commands_remove_the_runner_but_keep_the_state_directory(
+        tmp_path, stand_in, with_figpack):
+    prefix = tmp_path / "my prefix"
+    args = ["--from-file", str(stand_in), "--prefix", str(prefix)]
+    if with_figpack:
+        stub_figpack_venv(prefix, python_for_figpack())
+        args.append("--with-figpack")
+    r = run_install(tmp_path, *args, PYTHON=python_for_figpack() if with_figpack else sys.executable)
+    assert r.returncode == 0, r.stderr
+    # the state directory the next steps suggest, holding a claimed job's record
+    state_dir = prefix / "state"
+    assert "runner --state-dir '%s'" % state_dir in r.stdout
+    record = custody_record(state_dir)
+    (prefix / "__pycache__").mkdir()
+    (prefix / "__pycache__" / "runpack_runner.cpython-311.pyc").write_bytes(b"")
+    for command in uninstall_commands(r.stdout):
+        run_shell(command)
+    assert record.read_text() == '{"job_id": "fb0943e7"}'
+    assert sorted(p.name for p in prefix.iterdir()) == ["state"]
+    assert "ls '%s'" % (state_dir / ".runpack_jobs") in r.stdout
+
+
+@pytest.mark.slow
+def test_printed_uninstall_commands_remove_the_prefix_when_no_state_directory_is_in_it(tmp_path, stand_in):
+    prefix = tmp_path / "prefix"
+    r = run_install(tmp_path, "--from-file", str(stand_in), "--prefix", str(prefix))
+    assert r.returncode == 0, r.stderr
+    for command in uninstall_commands(r.stdout):
+        run_shell(command)
+    assert not prefix.exists()
+
+
+def readme_uninstall_block():
+    """The shell block after "To uninstall" in the README's install paragraphs."""
+    after = (REPO / "README.md").read_text().split("To uninstall", 1)[1]
+    return after.split("```sh\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.slow
+def test_readme_uninstall_commands_keep_the_state_directory_in_the_default_prefix(tmp_path, stand_in):
+    r = run_install(tmp_path, "--from-file", str(stand_in))
+    assert r.returncode == 0, r.stderr
+    prefix = tmp_path / "home" / ".local" / "share" / "runpack"
+    assert_installed(prefix)
+    record = custody_record(prefix / "state")
+    run_shell(readme_uninstall_block(), HOME=str(tmp_path / "home"))
+    assert record.read_text() == '{"job_id": "fb0943e7"}'
+    assert sorted(p.name for p in prefix.iterdir()) == ["state"]
 
 
 # ------------------------------------------------------------------ end to end

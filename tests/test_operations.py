@@ -130,7 +130,7 @@ def test_max_jobs_runs_that_many_jobs_and_exits_5(worker, start_runner):
 def test_idle_timeout_exits_6_when_no_job_comes(worker, start_runner):
     runner = start_runner("--idle-timeout", "1")
     assert runner.wait() == 6
-    assert "no job for 1s (--idle-timeout)" in runner.output
+    assert "no job for 1 s (--idle-timeout)" in runner.output
 
 
 def test_max_uptime_finishes_the_running_job_then_exits_7(worker, start_runner):
@@ -183,9 +183,13 @@ def test_check_says_why_a_job_type_is_not_served():
     result = subprocess.run([sys.executable, "-S", RUNNER_PY, "check", "--worker-url", "http://127.0.0.1:9"],
                             stdout=subprocess.PIPE, universal_newlines=True, env=clean_environment(),
                             timeout=60)
+    if sys.version_info >= (3, 9):
+        fix = ("(install them with: pip install figpack figpack-spike-sorting lindi (from a checkout of the "
+               "runner: pip install '.[figpack]'))")
+    else:  # no pip line that would install nothing that imports
+        fix = "; figpack needs Python 3.9 or newer, this runner has %s" % sys.version.split()[0]
     assert ("figpack_nwb_raster_plot: NOT served: missing Python packages figpack, figpack_spike_sorting, "
-            "lindi (install them with: pip install figpack figpack-spike-sorting lindi (from a checkout of the "
-            "runner: pip install '.[figpack]'))") in result.stdout
+            "lindi " + fix).replace(" ;", ";") in result.stdout
 
 
 def test_many_jobs_leave_no_file_descriptors_or_processes_behind(worker, start_runner):

@@ -134,7 +134,7 @@ def test_empty_polls_back_off_by_the_step_up_to_the_cap_and_reset_after_a_job(wo
     polls_after_job = worker.count("available")
     worker.wait_until(lambda: worker.count("available") >= polls_after_job + 2)
     assert runner.stop() == 0
-    announced = re.findall(r"No jobs available; next poll in ([\d.]+)s", runner.output)
+    announced = re.findall(r"No jobs available; next poll in ([\d.]+) s", runner.output)
     assert announced[:3] == ["0.1", "0.2", "0.3"]
     assert "0.1" in announced[3:], "the interval returns to its start after a job"
     times = [r.at for r in worker.requests if r.route == "available"][:4]

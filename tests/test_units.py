@@ -343,7 +343,7 @@ def failing(times, error_class=runpack_runner.TransientWorkerError):
     return attempt
 
 
-def test_retrying_repeats_transient_failures_with_one_warning_each_and_says_when_it_works(log_lines):
+def test_retrying_repeats_transient_failures_with_one_warning_a_spell_and_says_when_it_works(log_lines):
     waits = []
     retrying = runpack_runner.Retrying(0.5, waits.append, lambda delay: False)
     attempt = failing(3)
@@ -351,8 +351,8 @@ def test_retrying_repeats_transient_failures_with_one_warning_each_and_says_when
     assert len(attempt.calls) == 4 and len(waits) == 3
     assert all(0 <= wait <= 0.5 for wait in waits), "waits are capped by retry_max"
     warnings = [line for line in log_lines if line.startswith("Cannot poll yet: GET /x")]
-    assert len(warnings) == 3 and all("trying again in" in line for line in warnings)
-    assert log_lines.count("The worker answers again") == 1
+    assert len(warnings) == 1 and "trying again in" in warnings[0] and "back-off up to 0.5 s" in warnings[0]
+    assert len([line for line in log_lines if line.startswith("The worker answers again, after 3 failed tries")]) == 1
 
 
 def test_retrying_says_nothing_when_the_first_try_works(log_lines):
@@ -540,11 +540,14 @@ def test_answer_other_4xx_is_a_rejection_carrying_status_and_decoded_body(status
     assert str(caught.value).startswith(WHERE)
 
 
-def test_an_answer_that_is_not_json_shows_its_first_bytes():
+def test_an_answer_that_is_not_json_is_described_in_words_never_as_bytes():
     with pytest.raises(runpack_runner.TransientWorkerError) as caught:
         runpack_runner.read_answer("POST /api/runner/register", 502, b"<html><body>Bad gateway</body></html>" * 9, None)
-    assert "502" in str(caught.value) and "<html><body>Bad gateway" in str(caught.value)
-    assert len(str(caught.value)) < 200, "the first bytes, not the whole page"
+    assert str(caught.value) == "POST /api/runner/register: worker error 502 (an HTML page)"
+    with pytest.raises(runpack_runner.TransientWorkerError) as caught:
+        runpack_runner.read_answer("GET /api/runner/jobs/available", 503, b"upstream connect error " * 20, None)
+    assert "worker error 503 (text that is not JSON: upstream connect error" in str(caught.value)
+    assert "b'" not in str(caught.value) and len(str(caught.value)) < 200, "the first words, not the whole text"
 
 
 # ---- Reports -------------------------------------------------------------------------------

@@ -933,7 +933,8 @@ def _failure_kind(error):
 
 def describe_seconds(seconds):
     """A duration as every message gives one: 0.3 s, 3.2 s, 90 s, 13200 s."""
-    return "%.2g s" % seconds if 0 < seconds < 1 else "%g s" % round(seconds, 1)
+    text = "%.1f" % seconds if seconds >= 1 else "%.3f" % seconds
+    return "%s s" % (text.rstrip("0").rstrip(".") or "0")
 
 
 # ---- Push wake-up: the NotifyRelay subscriber --------------------------------------
@@ -3112,7 +3113,7 @@ class JobExecution:
                     return None
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    return self._give_up("Job execution failed: timed out after %g s" % timeout)
+                    return self._give_up("Job execution failed: timed out after %s" % describe_seconds(timeout))
                 self.wait(remaining)
             return self.outcome()
         finally:
@@ -3449,7 +3450,7 @@ class JobSlot(threading.Thread):
         if "traceback" in report:
             LOG.error("Job %s: the handler raised an exception:\n%s", self.job_id, report["traceback"])
         record["report"] = self.client.seal_report(report)
-        record["duration"] = time.time() - record["started_at"]
+        record["duration"] = max(0.0, time.time() - record["started_at"])  # the clock may have been set back
         self.state.save_job(record)
         self.courier.deliver(record, self.waker)
 
@@ -4273,7 +4274,7 @@ class TerminalProgress:
             self._lines_shown[part] = max(self._lines_shown[part], len(lines))
 
     def _bar(self, current, total):
-        elapsed = "%.0fs" % (time.monotonic() - self._started)
+        elapsed = "%.0f s" % (time.monotonic() - self._started)
         if current is None or not total:
             return "%s: running, %s" % (self._job_type, elapsed)
         fraction = min(1.0, max(0.0, current / total))
@@ -4461,6 +4462,8 @@ def command_check(args, environ, out=None):
     try:
         chosen = chosen_job_types(settings.job_types)
     except ConfigurationError as error:
+        if "Handlers" not in checklist.problems:  # a bad setting, as for runner; else the modules' fault
+            raise
         checklist.problem("Job types", str(error))
     for name, reason in job_type_availability(chosen):
         if reason is None:

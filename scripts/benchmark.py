@@ -15,6 +15,8 @@ Commands:
             lockstep), how soon an idle runner picks a single job up, with and without the
             NotifyRelay push wake-up (the fake relay from tests/), and how many claims a fleet
             woken by one notice loses (the herd).
+  listen    what --listen costs: a runner's idle memory and CPU per job with and without it, and
+            the time of a GET /metrics and /healthz.
   limits    what the network guard and the memory limit of job processes cost: a TCP connect to
             127.0.0.1 with and without the guard (in µs), and the small raster-plot job through
             the runner with the guard and the limit, without the guard, and without the limit.
@@ -413,11 +415,11 @@ def bench_drain(jobs, latency_s=0.0, flags=()):
     return jobs / elapsed, per_job
 
 
-def bench_idle_memory(settle_s):
+def bench_idle_memory(settle_s, flags=()):
     """RSS of a runner that has registered and polls an empty queue, and how many processes it has
     beside itself (none: no launcher before the first job)."""
     with fake_worker_module().FakeWorker() as worker, tempfile.TemporaryDirectory() as state_dir:
-        runner = start_runner_process(worker.url, state_dir)
+        runner = start_runner_process(worker.url, state_dir, *flags)
         try:
             wait_for(lambda: worker.count("available") >= 2, 60, "two polls")
             time.sleep(settle_s)
@@ -857,6 +859,49 @@ def command_video(args):
     return 0
 
 
+# ---- listen: what --listen costs ------------------------------------------------------------------
+
+def bench_scrape(scrapes):
+    """Milliseconds per GET /metrics and per GET /healthz of an idle runner with --listen 0."""
+    import urllib.request
+
+    with fake_worker_module().FakeWorker() as worker, tempfile.TemporaryDirectory() as state_dir:
+        log = os.path.join(state_dir, "runpack_runner.log")
+        runner = start_runner_process(worker.url, state_dir, "--listen", "0")
+        try:
+            wait_for(lambda: os.path.exists(log) and "/healthz on http://" in open(log).read(), 60, "--listen")
+            base = re.search(r"on (http://[\d.:]+)/", open(log).read()).group(1)
+            timings = {}
+            for path in ("/metrics", "/healthz"):
+                started = time.perf_counter()
+                for _ in range(scrapes):
+                    with urllib.request.urlopen(base + path, timeout=10) as answer:
+                        answer.read()
+                timings[path] = (time.perf_counter() - started) * 1000 / scrapes
+            return timings
+        finally:
+            runner.terminate()
+            runner.wait(60)
+
+
+def command_listen(args):
+    print("--listen: Python %s, %d cores; medians of %d runs each, taking turns" % (
+        sys.version.split()[0], os.cpu_count(), args.repeat))
+    modes = {"without --listen": (), "--listen 0": ("--listen", "0")}
+    memory, drains = {mode: [] for mode in modes}, {mode: [] for mode in modes}
+    for _ in range(args.repeat):
+        for mode, flags in modes.items():
+            memory[mode].append(bench_idle_memory(1.0, flags)[0])
+            drains[mode].append(bench_drain(args.jobs, 0.0, flags))
+    print_table(["", "idle RSS", "jobs/s", "runner CPU ms/job"], [
+        [mode, mib(median(memory[mode])), "%.1f" % median(run[0] for run in drains[mode]),
+         "%.2f" % median(run[1]["runner_cpu_ms"] for run in drains[mode])] for mode in modes], left=(0,))
+    scrape = bench_scrape(args.scrapes)
+    print("\nGET /metrics: %.2f ms, GET /healthz: %.2f ms (mean of %d each, idle runner, loopback)" % (
+        scrape["/metrics"], scrape["/healthz"], args.scrapes))
+    return 0
+
+
 # ---- limits: the network guard's and the memory limit's cost ---------------------------------------
 
 # Run in a fresh interpreter, which the guard then wraps for good: connects to a listening socket on
@@ -978,6 +1023,13 @@ def build_parser():
                        help="the idle runner's poll interval in the pickup series (default 5)")
     fleet.add_argument("--json", metavar="FILE", help="also write every measurement to FILE")
     fleet.set_defaults(func=command_fleet)
+    listen = commands.add_parser(
+        "listen", help="what --listen costs: idle memory, CPU per job, a scrape",
+        description="A runner with and without --listen against the fake worker on 127.0.0.1.")
+    listen.add_argument("--repeat", type=int, default=3, help="runs of each kind (default 3)")
+    listen.add_argument("--jobs", type=int, default=200, help="jobs per drain (default 200)")
+    listen.add_argument("--scrapes", type=int, default=200, help="GETs of each path (default 200)")
+    listen.set_defaults(func=command_listen)
     limits = commands.add_parser(
         "limits", help="the cost of the network guard and of the memory limit of job processes",
         description="A guarded TCP connect against an unguarded one, and the small raster-plot job through "

@@ -174,6 +174,9 @@ SETTINGS = (
             "a URL", "base URL of the Runpack worker"),
     Setting("state_dir", "--state-dir", "RUNPACK_STATE_DIR", ".", str, "a directory",
             "where the identity, lock, job records and log live"),
+    Setting("state_pool", "--state-pool", "RUNPACK_STATE_POOL", "", str, "a directory",
+            "take a free state directory POOL/1, POOL/2... (one with job records first), for runners "
+            "that come and go: Slurm"),
     Setting("poll_interval", "--poll-interval", "RUNPACK_POLL_INTERVAL", 10.0, _parse_positive_seconds,
             "a number of seconds above 0", "wait after the first empty poll, and again after every job"),
     Setting("poll_interval_step", "--poll-interval-step", "RUNPACK_POLL_INTERVAL_STEP", 2.0,
@@ -221,13 +224,27 @@ SETTINGS = (
             _parse_boolean, "true or false", "allow a plain http:// worker (or relay) URL that is not loopback"),
     Setting("listen", "--listen", "RUNPACK_LISTEN", "", _parse_listen, "[HOST:]PORT",
             "serve /metrics (Prometheus) and /healthz on this address (HOST: 127.0.0.1 unless given)"),
+    Setting("max_runners", "--max-runners", "RUNPACK_SLURM_MAX_RUNNERS", None, _parse_positive_count,
+            "a whole number from 1", "slurm (required): the most runners to keep in Slurm, pending and running"),
+    Setting("stop_margin", "--stop-margin", "RUNPACK_SLURM_STOP_MARGIN", 300.0, _parse_positive_seconds,
+            "a number of seconds above 0", "slurm: runners take no new job this long before their time limit"),
+    Setting("sbatch_header", "--sbatch-header", "RUNPACK_SBATCH_HEADER", "", str, "a file",
+            "slurm: a file whose #SBATCH lines are options for every runner's batch job"),
     Setting("notify_relay_url", "--notify-relay-url", "NOTIFY_RELAY_BASE_URL", "", str, "a URL",
             "NotifyRelay base URL: new jobs wake the runner at once (needs %s)" % RELAY_KEY_ENV),
     Setting("notify_relay_subscribe_id", "--notify-relay-subscribe-id", "NOTIFY_RELAY_SUBSCRIBE_ID", "", str,
             "an id", "NotifyRelay subscriber id (default: derived from the runner id)"),
 )
 SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
-RUNNER_SETTINGS = tuple(setting.name for setting in SETTINGS)
+SLURM_ONLY_SETTINGS = ("max_runners", "stop_margin", "sbatch_header")
+RUNNER_SETTINGS = tuple(setting.name for setting in SETTINGS if setting.name not in SLURM_ONLY_SETTINGS)
+# What the scaler passes on to its runners when given on its command line (the environment
+# passes through sbatch as it is).
+SLURM_RUNNER_SETTINGS = tuple(name for name in RUNNER_SETTINGS if name not in (
+    "state_dir", "state_pool", "once", "listen", "notify_relay_subscribe_id"))
+SLURM_SETTINGS = SLURM_ONLY_SETTINGS + tuple(name for name in RUNNER_SETTINGS if name not in (
+    "state_pool", "once", "listen", "notify_relay_subscribe_id"))
+SBATCH_OPTIONS_ENV = "RUNPACK_SBATCH_OPTIONS"
 RUN_SETTINGS = ("heartbeat_interval", "job_timeout", "in_process", "handlers", "allow_job_network",
                 "job_memory_limit")
 CHECK_SETTINGS = ("worker_url", "state_dir", "request_timeout", "handlers", "job_types", "allow_insecure_http",
@@ -900,8 +917,9 @@ class Retrying:
     def __init__(self, retry_max, wait, give_up):
         self.retry_max, self._wait, self._give_up = retry_max, wait, give_up
 
-    def call(self, attempt, failed):
-        """``attempt()``'s result, once it succeeds; ``failed`` starts each warning."""
+    def call(self, attempt, failed, recovered="The worker answers again"):
+        """``attempt()``'s result, once it succeeds; ``failed`` starts each warning, ``recovered``
+        the line once it works again."""
         backoff, said, started = RetryBackoff(self.retry_max), set(), time.monotonic()
         while True:
             try:
@@ -921,7 +939,7 @@ class Retrying:
                     raise GaveUp(error)
                 continue
             if backoff.failures:
-                LOG.info("The worker answers again, after %d failed tr%s in %s", backoff.failures,
+                LOG.info("%s, after %d failed tr%s in %s", recovered, backoff.failures,
                          "ies" if backoff.failures > 1 else "y", describe_seconds(time.monotonic() - started))
             return result
 
@@ -1137,6 +1155,23 @@ class StateDirectory:
         stream.flush()
         self._lock_file = stream
 
+    def in_use(self):
+        """Whether a live runner holds the lock; asks without writing anything."""
+        try:
+            stream = open(os.path.join(self.path, self.LOCK_FILE))
+        except OSError:
+            return False
+        try:
+            _lock_exclusively(stream)
+        except OSError:
+            return True
+        finally:
+            stream.close()
+        return False
+
+    def has_job_records(self):
+        return any(self.waiting_records())
+
     def unlock(self):
         if self._lock_file is not None:
             self._lock_file.close()
@@ -1211,6 +1246,49 @@ class StateDirectory:
 
     def _job_path(self, job_id):
         return os.path.join(self.jobs_path, "%s.json" % job_id.replace(os.sep, "_"))
+
+
+class StatePool:
+    """State directories ``POOL/1``, ``POOL/2``… for runners that come and go (--state-pool):
+    each runner takes a free one, preferring one with job records (a runner killed mid-job left
+    them: the job runs again), so that every custody record is settled by the next runner. The
+    locks say which are taken: the pool must be on a file system whose locks hold across the
+    machines that share it (local disks, NFSv4, Lustre mounted with flock, GPFS)."""
+
+    def __init__(self, path):
+        self.path = os.path.abspath(path)
+
+    def directories(self):
+        try:
+            names = sorted((name for name in os.listdir(self.path) if name.isdigit()), key=int)
+        except OSError:
+            return []
+        return [StateDirectory(os.path.join(self.path, name)) for name in names]
+
+    def orphans(self):
+        """The directories holding job records that no live runner holds: each needs a runner."""
+        return [state for state in self.directories() if state.has_job_records() and not state.in_use()]
+
+    def take(self):
+        """A directory of the pool, prepared and locked for this process."""
+        taken = self.directories()
+        for state in sorted(taken, key=lambda state: not state.has_job_records()):  # records first
+            try:
+                state.lock()
+                state.prepare()
+                return state
+            except StateDirectoryBusy:
+                continue
+        number = max([int(os.path.basename(state.path)) for state in taken] or [0])
+        while True:  # all taken: a new one, racing other runners for its number
+            number += 1
+            state = StateDirectory(os.path.join(self.path, str(number)))
+            state.prepare()
+            try:
+                state.lock()
+                return state
+            except StateDirectoryBusy:
+                continue
 
 
 def _lock_exclusively(stream):
@@ -4501,7 +4579,7 @@ def _check_state_directory(checklist, state):
     if not os.path.isdir(state.path):
         checklist.line("State directory", "%s (created when the runner starts)" % state.path)
         return None
-    if os.path.exists(os.path.join(state.path, state.LOCK_FILE)) and _lock_is_held(state):
+    if state.in_use():
         checklist.problem("State directory", "%s is in use by another runner: give this one its own "
                           "--state-dir" % state.path)
     else:
@@ -4515,15 +4593,6 @@ def _check_state_directory(checklist, state):
                        "runner settles them when it starts on this state directory (do not delete it)" % (
                            reports, "s" * (reports != 1), jobs, "s" * (jobs != 1), state.jobs_path))
     return identity
-
-
-def _lock_is_held(state):
-    try:
-        state.lock()
-    except StateDirectoryBusy:
-        return True
-    state.unlock()
-    return False
 
 
 def _check_worker(checklist, client, identity, key_is_set):
@@ -4585,12 +4654,262 @@ def _check_relay(checklist, settings, relay_key):
         checklist.line("NotifyRelay", "%s: reachable, subscribe key accepted" % settings.notify_relay_url)
 
 
+# ---- On a Slurm cluster: the scaler (`slurm`) -----------------------------------------
+#
+# `slurm` runs on a login node (any host with sbatch) and keeps the right number of runners in
+# Slurm: while jobs wait at the worker for the types its runners serve, it submits batch jobs of
+# runners, never more than the waiting jobs need and never more than --max-runners; the runners
+# leave by themselves once idle (--idle-timeout). Each runner takes a state directory from the
+# pool DIR/runners, preferring one whose runner died with a job claimed: a directory holding job
+# records that no live runner holds gets a runner even when nothing else waits, so that a job
+# cut off by scancel, preemption, the time limit or a node failure runs again and is reported
+# once. The scaler finds its runners in squeue by a job name of its own, so that it can be
+# killed and started again without doubling them.
+
+SLURM_RUNNER_IDLE_TIMEOUT_S = 300.0  # the runners' --idle-timeout unless given: Slurm's queue empties
+SLURM_COMMAND_TIMEOUT_S = 60.0  # a slurmctld that does not answer an sbatch or squeue in this long is down
+SLURM_RETRY_MAX_S = 300.0  # the longest wait after sbatch or squeue failed
+SLURM_ACTIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED")
+# The batch script: the runner as a child, so that the shell can pass Slurm's warning signal on
+# (--signal=B:TERM@margin reaches the batch shell only) and report a batch limit as success.
+SLURM_BATCH_SCRIPT = """\
+#!/bin/sh
+# A Runpack runner started by the runpack_runner.py slurm scaler; the key is in the environment.
+{command} &
+runner=$!
+trap 'kill -TERM "$runner" 2>/dev/null' TERM INT
+wait "$runner"
+code=$?
+while kill -0 "$runner" 2>/dev/null; do
+    wait "$runner"
+    code=$?
+done
+case $code in 5|6|7) exit 0 ;; esac  # --max-jobs, --idle-timeout, --max-uptime: normal ends
+exit $code
+"""
+
+
+def shlex_split(text):
+    import shlex
+
+    return shlex.split(text)
+
+
+class SlurmUnavailable(TransientError):
+    """sbatch or squeue failed, or did not answer: the scaler backs off and tries again."""
+
+
+class SlurmClient:
+    """The only code that runs Slurm's commands: sbatch to submit a runner, squeue to list the
+    scaler's runners by their job name."""
+
+    def __init__(self, job_name, environ):
+        self.job_name, self.environ = job_name, environ
+
+    def submit(self, script, options):
+        """The id of the batch job of ``script`` (given on stdin: nothing of it is written)."""
+        answer = self._run(["sbatch", "--parsable", "--job-name=" + self.job_name] + list(options), script)
+        return answer.strip().split(";")[0]
+
+    def runners(self):
+        """{job id: state} of the scaler's batch jobs that Slurm still has, ended ones aside."""
+        answer = self._run(["squeue", "--noheader", "--name=" + self.job_name, "--format=%i %T"])
+        jobs = dict(line.split()[:2] for line in answer.splitlines() if len(line.split()) >= 2)
+        return {job_id: state for job_id, state in jobs.items() if state in SLURM_ACTIVE_STATES}
+
+    def _run(self, command, stdin=None):
+        import subprocess
+
+        try:
+            finished = subprocess.run(command, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      universal_newlines=True, env=self.environ, timeout=SLURM_COMMAND_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise SlurmUnavailable("%s did not answer within %s" % (command[0], describe_seconds(
+                SLURM_COMMAND_TIMEOUT_S)))
+        except OSError as error:
+            raise SlurmUnavailable("cannot run %s: %s" % (command[0], error.strerror or error))
+        if finished.returncode != 0:
+            said = (finished.stderr.strip() or finished.stdout.strip()).splitlines()
+            raise SlurmUnavailable("%s failed (exit %d: %s)" % (command[0], finished.returncode,
+                                                               said[-1] if said else "no message"))
+        return finished.stdout
+
+
+class ScalingDecision(collections.namedtuple("ScalingDecision", "waiting orphans running pending submit")):
+    """What the scaler sees and does in one round; says itself in one line."""
+
+    def __str__(self):
+        return "%d job%s waiting%s, %d runner%s running, %d pending: %s" % (
+            self.waiting, "s" * (self.waiting != 1),
+            ", %d state director%s with a job to run again" % (self.orphans, "ies" if self.orphans != 1 else "y")
+            if self.orphans else "", self.running, "s" * (self.running != 1), self.pending,
+            "submitting %d" % self.submit if self.submit else "submitting none")
+
+
+def scaling_decision(waiting, orphans, runners, concurrency, max_runners):
+    """How many runners to submit: enough for the waiting jobs (``concurrency`` each) and one
+    for each orphaned state directory, less those in Slurm already, within ``max_runners``."""
+    running = sum(state != "PENDING" for state in runners.values())
+    pending = len(runners) - running
+    needed = min(max_runners, -(-waiting // concurrency) + orphans)
+    return ScalingDecision(waiting, orphans, running, pending, max(0, needed - len(runners)))
+
+
+class SlurmScaler:
+    """The scaler's loop: look at the waiting jobs, the orphaned state directories and the
+    runners in Slurm; submit what is missing; wait --poll-interval, or less when a NotifyRelay
+    notice says a job came. It never cancels a runner: runners leave when idle."""
+
+    def __init__(self, settings, client, slurm, pool, runner_command, sbatch_options, notices):
+        self.settings, self.client, self.slurm, self.pool = settings, client, slurm, pool
+        self.runner_command, self.sbatch_options = runner_command, sbatch_options
+        self.notices = notices
+        self.waker = notices.waker
+        self.shutdown = ShutdownRequests(self.waker)
+        self.retrying = Retrying(SLURM_RETRY_MAX_S, self._sleep, lambda delay: self.shutdown.graceful)
+        self._said = None  # the last decision logged, so that an unchanged one is not logged again
+
+    def run(self, job_types):
+        self.shutdown.install()
+        LOG.info("Scaling runners of %s in Slurm: at most %d, state directories in %s",
+                 ", ".join(job_types), self.settings.max_runners, self.pool.path)
+        self.notices.subscribe(self.client.runner_id, None, job_types)
+        while not self.shutdown.graceful:
+            try:
+                self.retrying.call(lambda: self._round(job_types), "Cannot scale yet", "Scaling again")
+            except GaveUp:
+                break
+            self._sleep(self.settings.poll_interval, until=lambda: self.notices.waiting)
+        LOG.info("Scaler stopped; its runners go on in Slurm and leave when idle")
+        return EXIT_OK
+
+    def _round(self, job_types):
+        self.notices.polled()
+        waiting = len(self.client.available(job_types))
+        decision = scaling_decision(waiting, len(self.pool.orphans()), self.slurm.runners(),
+                                    self.settings.concurrency, self.settings.max_runners)
+        said, quiet = str(decision), not (decision.waiting or decision.orphans)
+        if decision.submit or quiet and said != self._said:  # what it does, and once the queue is empty
+            LOG.info("%s", said)
+        else:
+            LOG.debug("%s", said)
+        self._said = said
+        for _ in range(decision.submit):
+            job_id = self.slurm.submit(SLURM_BATCH_SCRIPT.format(command=self.runner_command), self.sbatch_options)
+            LOG.info("Submitted runner %s", job_id)
+
+    def _sleep(self, seconds, until=lambda: False):
+        wait_until(self.waker, seconds, lambda: self.shutdown.graceful or until())
+
+
+def sbatch_options(settings, header_lines):
+    """What sbatch gets: the output files, the warning signal before the time limit, then the
+    operator's #SBATCH header and --sbatch-option options (later ones win)."""
+    options = ["--output=%s" % os.path.join(settings.state_dir, "logs", "runner-%j.out"),
+               "--signal=B:TERM@%d" % settings.stop_margin]
+    for line in header_lines:
+        words = line.split()
+        if words[:1] == ["#SBATCH"]:
+            options += words[1:]
+    return options + list(settings.sbatch_options)
+
+
+def slurm_runner_command(args, environ, pool):
+    """The runner each batch job runs: this program, started as this process was, with the
+    runner settings given to the scaler on its command line (the environment, the key in it,
+    passes through sbatch), and a state directory from the pool."""
+    import shlex
+
+    program = _launcher_command()
+    if "-c" in program:  # this file itself: run it as a script
+        program = program[:program.index("-c")] + [program[-1]]
+    command = program + ["runner", "--state-pool", pool.path]
+    for name in SLURM_RUNNER_SETTINGS:
+        value = getattr(args, name, None)
+        if value is not None:
+            setting = SETTINGS_BY_NAME[name]
+            command += [setting.flag] if setting.parse is _parse_boolean else [setting.flag, str(value)]
+    if getattr(args, "idle_timeout", None) is None and SETTINGS_BY_NAME["idle_timeout"].env not in environ:
+        command += ["--idle-timeout", "%g" % SLURM_RUNNER_IDLE_TIMEOUT_S]
+    return " ".join(shlex.quote(word) for word in command)
+
+
+def command_slurm(args, environ):
+    api_key = environ.get(API_KEY_ENV, "").strip()
+    if not api_key:
+        print(MISSING_KEY_MESSAGE.replace("runner\n", "slurm --max-runners N --state-dir DIR\n"), file=sys.stderr)
+        return EXIT_USAGE
+    check_api_key(api_key)
+    settings = resolve_settings(args, SLURM_SETTINGS, environ)
+    settings.sbatch_options = (args.sbatch_option or []) + shlex_split(environ.get(SBATCH_OPTIONS_ENV, ""))
+    worker_url = check_worker_url(settings.worker_url, settings.allow_insecure_http)
+    if not settings.max_runners:
+        raise ConfigurationError("give the most runners to keep in Slurm: --max-runners N")
+    header_lines = []
+    if settings.sbatch_header:
+        try:
+            with open(settings.sbatch_header) as stream:
+                header_lines = stream.read().splitlines()
+        except OSError as error:
+            raise ConfigurationError("cannot read --sbatch-header %s: %s" % (settings.sbatch_header,
+                                                                             error.strerror or error))
+    if shutil.which("sbatch", path=environ.get("PATH")) is None:
+        raise ConfigurationError("sbatch is not on PATH: run the scaler where Slurm's commands are")
+    load_handler_modules(settings.handlers)
+    job_types = [name for name, reason in job_type_availability(chosen_job_types(settings.job_types))
+                 if reason is None]
+    if not job_types:
+        raise ConfigurationError("the runners could serve none of the job types here (see `check`)")
+    state = StateDirectory(settings.state_dir)
+    state.prepare()
+    try:
+        state.lock()
+    except StateDirectoryBusy:
+        print("Error: another scaler is using %s" % state.path, file=sys.stderr)
+        return EXIT_STATE_DIR_BUSY
+    os.makedirs(os.path.join(state.path, "logs"), exist_ok=True)
+    configure_logging(sys.stdout, os.path.join(state.path, "runpack_slurm.log"), secrets=(api_key,),
+                      level=logging.DEBUG if settings.verbose else logging.INFO)
+    client = WorkerClient(worker_url, api_key, settings.request_timeout)
+    identity = state.load_identity()
+    if identity is None:
+        runner_id = Retrying(settings.retry_max, time.sleep, lambda delay: False).call(
+            lambda: client.register("slurm-scaler-" + new_runner_name()[len("runner-"):], job_types),
+            "Cannot register the scaler with the worker yet")
+        state.save_identity(runner_id, "slurm-scaler")
+        identity = state.load_identity()
+    client.runner_id = identity["runner_id"]
+    pool = StatePool(os.path.join(state.path, "runners"))
+    slurm = SlurmClient("runpack-" + client.runner_id[:8], dict(environ))
+    relay_key = environ.get(RELAY_KEY_ENV, "").strip()
+    relay = None
+    if settings.notify_relay_url and relay_key:
+        relay = RelayClient(check_worker_url(settings.notify_relay_url, settings.allow_insecure_http, "NotifyRelay",
+                                             "subscribe key"), relay_key, None, None)
+    scaler = SlurmScaler(settings, client, slurm, pool, slurm_runner_command(args, environ, pool),
+                         sbatch_options(settings, header_lines), NewJobNotices(relay, Waker()))
+    try:
+        return scaler.run(job_types)
+    except WorkerKeyRejected as error:
+        LOG.error("%s; stopping. Check RUNPACK_RUNNER_API_KEY", error)
+        return EXIT_KEY_REJECTED
+
+
 # ---- Command line ---------------------------------------------------------------
 
 MISSING_KEY_MESSAGE = """Error: RUNPACK_RUNNER_API_KEY environment variable is not set
 Set it to the runner key of your Runpack worker, then start the runner again:
     export RUNPACK_RUNNER_API_KEY=<your runner key>
     python3 runpack_runner.py runner"""
+
+
+class EpilogAsWritten(argparse.HelpFormatter):
+    """Wraps the description as usual, and keeps an epilog of exit codes as written."""
+
+    def _fill_text(self, text, width, indent):
+        if text.startswith("exit codes"):
+            return "".join(indent + line for line in text.splitlines(True))
+        return super()._fill_text(text, width, indent)
 
 
 RUNNER_EXIT_CODES = """\
@@ -4609,6 +4928,13 @@ exit codes (a restart cannot fix 2, 3, 4 and 8: see systemd's RestartPreventExit
 """
 
 
+SLURM_EXIT_CODES = """\
+exit codes: 0 stopped by SIGINT/SIGTERM (its runners go on in Slurm); 2 a bad setting, no key,
+no sbatch, or no job type the runners could serve; 3 the worker rejected the key; 4 another
+scaler uses the directory
+"""
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="runpack", description="Runpack runner: serve jobs from a Runpack worker, or run one here.")
@@ -4619,7 +4945,7 @@ def build_parser():
         description="Serve jobs from a Runpack worker. Needs %s in the environment. The first "
                     "SIGINT/SIGTERM finishes the running job and stops; a second one stops the job "
                     "now and leaves it to the next start on the same state directory." % API_KEY_ENV,
-        epilog=RUNNER_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=RUNNER_EXIT_CODES, formatter_class=EpilogAsWritten)
     add_setting_flags(runner, RUNNER_SETTINGS)
     check = commands.add_parser(
         "check", help="say whether this machine can serve jobs, and what to fix if not",
@@ -4639,8 +4965,29 @@ def build_parser():
     run.add_argument("--params-file", metavar="FILE",
                      help="a file holding parameters as a JSON object (-: standard input)")
     add_setting_flags(run, RUN_SETTINGS, {"heartbeat_interval": RUN_HEARTBEAT_INTERVAL_S})
-    parser.commands = {"runner": runner, "check": check, "run": run}
+    slurm = commands.add_parser(
+        "slurm", help="keep runners in Slurm while jobs wait (run it on a login node)",
+        description="Submit Slurm batch jobs of runners while jobs wait at the worker, at most --max-runners, "
+                    "each with a state directory from DIR/runners; the runners leave when idle. Needs %s in "
+                    "the environment, which passes to the runners through sbatch. Runner settings given here "
+                    "pass on to the runners." % API_KEY_ENV,
+        epilog=SLURM_EXIT_CODES, formatter_class=EpilogAsWritten)
+    add_setting_flags(slurm, SLURM_SETTINGS)
+    slurm.add_argument("--sbatch-option", action="append", metavar="OPTION",
+                       help="an sbatch option for every runner, e.g. --sbatch-option=--partition=cpu "
+                            "(repeatable; env %s, space-separated)" % SBATCH_OPTIONS_ENV)
+    parser.commands = {"runner": runner, "check": check, "run": run, "slurm": slurm}
     return parser
+
+
+def _locked_state_directory(settings):
+    """The runner's state directory, prepared and locked: --state-dir, or one of --state-pool."""
+    if settings.state_pool:
+        return StatePool(settings.state_pool).take()
+    state = StateDirectory(settings.state_dir)
+    state.prepare()
+    state.lock()
+    return state
 
 
 def command_runner(args, environ):
@@ -4657,10 +5004,8 @@ def command_runner(args, environ):
         settings.notify_relay_url, settings.allow_insecure_http, "NotifyRelay", "subscribe key")
     load_handler_modules(settings.handlers)
     chosen_job_types(settings.job_types)  # a name that no module registers is a bad setting
-    state = StateDirectory(settings.state_dir)
-    state.prepare()
     try:
-        state.lock()
+        state = _locked_state_directory(settings)
     except StateDirectoryBusy as error:
         print("Error: %s" % error, file=sys.stderr)
         return EXIT_STATE_DIR_BUSY
@@ -4704,6 +5049,8 @@ def main(argv=None):
             return command_run(args, os.environ, parser.commands["run"])
         if args.command == "check":
             return command_check(args, os.environ)
+        if args.command == "slurm":
+            return command_slurm(args, os.environ)
         return command_runner(args, os.environ)
     except ConfigurationError as error:
         print("Error: %s" % error, file=sys.stderr)

@@ -127,10 +127,13 @@ def _parse_listen(text):
     if not text.strip():
         return ""
     host, _, port = text.strip().rpartition(":")
-    host = host.strip("[]") or "127.0.0.1"
-    if not port.isdigit() or int(port) > 65535 or any(character in host for character in "/ "):
+    if host.startswith("[") and host.endswith("]"):  # [::1]:9400
+        host = host[1:-1]
+    elif ":" in host:  # an IPv6 address needs its brackets
         raise ValueError(text)
-    return host, int(port)
+    if not port.isdigit() or int(port) > 65535 or any(character in host for character in "/ []"):
+        raise ValueError(text)
+    return host or "127.0.0.1", int(port)
 
 
 ANY_NETWORK = "any"  # --allow-job-network any: jobs may reach every address
@@ -521,6 +524,11 @@ class Waker:
         self._reader.close()
         self._writer.close()
 
+    def wake_on_signals(self):
+        """Have the C signal handler wake this waker: a signal the kernel hands to another
+        thread then still cuts the main thread's wait short, so its Python handler runs now."""
+        signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
+
     def fileno(self):
         """For select(), with other things to wait for; drain() after it says so."""
         return self._reader.fileno()
@@ -558,6 +566,7 @@ class ShutdownRequests:
 
     def __init__(self, waker):
         self.count, self.signum, self._announced = 0, None, 0
+        self.waker = waker  # the main thread's
         self.wakers = {waker}
 
     def __call__(self, signum, frame=None):
@@ -571,6 +580,7 @@ class ShutdownRequests:
 
     def install(self):
         if threading.current_thread() is threading.main_thread():
+            self.waker.wake_on_signals()
             for name in ("SIGINT", "SIGTERM", "SIGHUP"):  # SIGHUP: the terminal or ssh session closed
                 if hasattr(signal, name):
                     signal.signal(getattr(signal, name), self)
@@ -1032,10 +1042,11 @@ class RelaySubscriber(threading.Thread):
     def run(self):
         LOG.info("Listening for new jobs on NotifyRelay %s (subscriber %s)", self.relay.base_url,
                  self.relay.subscriber_id)
-        backoff = RetryBackoff(RELAY_RETRY_MAX_S)
+        backoff, answered = RetryBackoff(RELAY_RETRY_MAX_S), False
         while True:
-            try:  # after trouble, a short poll first, so that a relay back up is known at once
-                messages = self.relay.poll(RELAY_CHECK_TIMEOUT_MS if backoff.failures else RELAY_POLL_TIMEOUT_MS)
+            try:  # at first and after trouble a short poll, so that a relay that answers is known at once
+                messages = self.relay.poll(RELAY_CHECK_TIMEOUT_MS if backoff.failures or not answered
+                                           else RELAY_POLL_TIMEOUT_MS)
             except RelayKeyRejected as error:
                 LOG.error("NotifyRelay %s: %s; no push wake-ups (polling the worker goes on). Check "
                           "NOTIFY_RELAY_SUBSCRIBE_KEY", self.relay.base_url, error)
@@ -1052,7 +1063,7 @@ class RelaySubscriber(threading.Thread):
             if backoff.failures:
                 LOG.info("NotifyRelay answers again")
                 backoff = RetryBackoff(RELAY_RETRY_MAX_S)
-            self.state = "listening"
+            self.state, answered = "listening", True
             for message in messages:
                 job_type = new_job_type(message)
                 if job_type is not None:
@@ -3897,8 +3908,8 @@ class RunnerHealth:
 
     def __init__(self, metrics, settings):
         self.metrics = metrics
-        self.silence_limit = HEALTH_SILENCE_FACTOR * (settings.poll_interval_max + settings.retry_max
-                                                      + settings.request_timeout)
+        longest_gap = max(settings.poll_interval_max, settings.heartbeat_interval)  # a busy runner only beats
+        self.silence_limit = HEALTH_SILENCE_FACTOR * (longest_gap + settings.retry_max + settings.request_timeout)
 
     def check(self, status):
         """(HTTP status, one line)."""

@@ -15,6 +15,8 @@ Commands:
             lockstep), how soon an idle runner picks a single job up, with and without the
             NotifyRelay push wake-up (the fake relay from tests/), and how many claims a fleet
             woken by one notice loses (the herd).
+  slurm     the Slurm scaler on a throw-away cluster: from a job submitted to an empty cluster to
+            its claim (polling and NotifyRelay), and a burst of 100 jobs through 1, 2 and 4 runners.
   listen    what --listen costs: a runner's idle memory and CPU per job with and without it, and
             the time of a GET /metrics and /healthz.
   limits    what the network guard and the memory limit of job processes cost: a TCP connect to
@@ -902,6 +904,110 @@ def command_listen(args):
     return 0
 
 
+# ---- slurm: the scaler on a real, throw-away Slurm cluster ----------------------------------------
+
+def start_scaler(worker, cluster, state_dir, *flags, **extra_env):
+    env = dict(cluster.env, RUNPACK_RUNNER_API_KEY=fake_worker_module().RUNNER_KEY, **extra_env)
+    log = open(os.path.join(os.path.dirname(state_dir), "scaler.out"), "wb")
+    return subprocess.Popen([sys.executable, RUNNER_PY, "slurm", "--state-dir", state_dir, "--worker-url", worker.url]
+                            + list(flags), env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def stop_process(process):
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def bench_slurm_pickup(jobs, interval_s, with_relay):
+    """Seconds from a job added at the worker to its claim, on a cluster with none of the
+    scaler's runners (they left, idle): the scaler's look, sbatch, Slurm's start, the runner's
+    start and first poll."""
+    sys.path.insert(0, TESTS)
+    import fake_relay
+    from slurm_cluster import SlurmCluster
+
+    latencies = []
+    relay = fake_relay.FakeRelay().start() if with_relay else None
+    extra_env = {"NOTIFY_RELAY_SUBSCRIBE_KEY": fake_relay.RELAY_SUBSCRIBE_KEY} if relay else {}
+    relay_flags = ("--notify-relay-url", relay.url) if relay else ()
+    try:
+        with SlurmCluster() as cluster, fake_worker_module().FakeWorker() as worker, \
+                tempfile.TemporaryDirectory() as workdir:
+            if relay is not None:
+                worker.relay_url, worker.relay_publish_key = relay.url, fake_relay.RELAY_PUBLISH_KEY
+            scaler = start_scaler(worker, cluster, os.path.join(workdir, "slurm"), "--max-runners", "2",
+                                  "--poll-interval", str(interval_s), "--poll-interval-max", "1",
+                                  "--idle-timeout", "1", *relay_flags, **extra_env)
+            try:
+                if relay is not None:
+                    wait_for(lambda: relay.held_polls >= 1, 30, "the scaler's subscription")
+                for number in range(jobs):
+                    wait_for(lambda: not cluster.active_jobs(), 60, "the runners to leave")
+                    time.sleep(random.uniform(0, interval_s))
+                    added = time.monotonic()
+                    job_id = worker.add_job("hello_world", {"name": "pickup-%d" % number, "processing_time": 0})
+                    wait_for(lambda: worker.job(job_id)["status"] == "completed", 120, "job %d" % number, step=0.01)
+                    claims = [record.at for record in worker.requests
+                              if record.route == "claim" and record.job_id == job_id]
+                    latencies.append(claims[0] - added)
+            finally:
+                stop_process(scaler)
+    finally:
+        if relay is not None:
+            relay.stop()
+    return latencies
+
+
+def bench_slurm_drain(jobs, max_runners, seconds_per_job):
+    """Seconds from a burst of ``jobs`` added at once to the last one completed, through at most
+    ``max_runners`` runners that the scaler starts in an empty cluster."""
+    sys.path.insert(0, TESTS)
+    from slurm_cluster import SlurmCluster
+
+    with SlurmCluster() as cluster, fake_worker_module().FakeWorker(rate_limit=10 ** 6) as worker, \
+            tempfile.TemporaryDirectory() as workdir:
+        scaler = start_scaler(worker, cluster, os.path.join(workdir, "slurm"), "--max-runners", str(max_runners),
+                              "--poll-interval", "1", "--poll-interval-max", "0.5", "--poll-interval-step", "0",
+                              "--idle-timeout", "2")
+        try:
+            wait_for(lambda: os.path.exists(os.path.join(workdir, "slurm", "runpack_slurm.log")), 30, "the scaler")
+            started = time.monotonic()
+            ids = [worker.add_job("hello_world", {"name": "burst-%d" % i, "processing_time": seconds_per_job})
+                   for i in range(jobs)]
+            most = 0
+            while not all(worker.job(job_id)["status"] == "completed" for job_id in ids):
+                most = max(most, len(cluster.active_jobs()))
+                if time.monotonic() - started > 1200:
+                    raise RuntimeError("the burst did not drain in 20 minutes")
+                time.sleep(0.2)
+            return time.monotonic() - started, most
+        finally:
+            stop_process(scaler)
+
+
+def command_slurm(args):
+    print("slurm scaler: Python %s, %d cores, a single-node Slurm with 8 CPUs advertised" % (
+        sys.version.split()[0], os.cpu_count()))
+    rows = []
+    for with_relay in (False, True):
+        latencies = bench_slurm_pickup(args.pickups, args.interval, with_relay)
+        rows.append(["NotifyRelay" if with_relay else "polling every %g s" % args.interval,
+                     seconds(statistics.median(latencies)), seconds(max(latencies))])
+    print("\nA job submitted to an empty cluster, until claimed (%d jobs each):" % args.pickups)
+    print_table(["the scaler's wake-up", "p50", "max"], rows, left=(0,))
+    rows = []
+    for max_runners in (1, 2, 4):
+        elapsed, most = bench_slurm_drain(args.jobs, max_runners, args.job_seconds)
+        rows.append([str(max_runners), seconds(elapsed), "%.1f" % (args.jobs / elapsed), str(most)])
+    print("\nA burst of %d hello_world jobs of %g s each, from an empty cluster:" % (args.jobs, args.job_seconds))
+    print_table(["--max-runners", "drained in", "jobs/s", "most runners at once"], rows)
+    return 0
+
+
 # ---- limits: the network guard's and the memory limit's cost ---------------------------------------
 
 # Run in a fresh interpreter, which the guard then wraps for good: connects to a listening socket on
@@ -1030,6 +1136,15 @@ def build_parser():
     listen.add_argument("--jobs", type=int, default=200, help="jobs per drain (default 200)")
     listen.add_argument("--scrapes", type=int, default=200, help="GETs of each path (default 200)")
     listen.set_defaults(func=command_listen)
+    slurm = commands.add_parser(
+        "slurm", help="the Slurm scaler: pickup from an empty cluster, and a burst's drain with 1, 2, 4 runners",
+        description="The scaler against the fake worker (and relay) on 127.0.0.1 and a throw-away Slurm cluster "
+                    "(needs slurmctld and slurmd, and root: see tests/slurm_cluster.py).")
+    slurm.add_argument("--pickups", type=int, default=5, help="single jobs per pickup series (default 5)")
+    slurm.add_argument("--interval", type=float, default=10.0, help="the scaler's --poll-interval (default 10)")
+    slurm.add_argument("--jobs", type=int, default=100, help="jobs in the burst (default 100)")
+    slurm.add_argument("--job-seconds", type=float, default=1.0, help="each burst job's processing_time (default 1)")
+    slurm.set_defaults(func=command_slurm)
     limits = commands.add_parser(
         "limits", help="the cost of the network guard and of the memory limit of job processes",
         description="A guarded TCP connect against an unguarded one, and the small raster-plot job through "

@@ -4570,14 +4570,29 @@ def command_check(args, environ, out=None):
                        % "; ".join("%s %s" % (", ".join(names), verdict) for verdict, names in verdicts if names))
     if not serving and "Job types" not in checklist.problems:
         checklist.problem("Job types", "this runner could serve none")
-    for level, line in describe_job_limits(JobLimits.from_settings(settings), new_job_launcher(
-            False, settings.handlers, None) is not None):
+    limits = JobLimits.from_settings(settings)
+    _check_job_processes(checklist, new_job_launcher(False, settings.handlers, limits, warm=False, spare=False))
+    for level, line in describe_job_limits(limits, True):
         checklist.line("Job limits", line)
     if checklist.problems:
         checklist.line("Result", "NOT READY: fix %s" % ", ".join(checklist.problems))
         return EXIT_FAILURE
     checklist.line("Result", "ready to serve %s" % ", ".join(serving))
     return EXIT_OK
+
+
+def _check_job_processes(checklist, launcher):
+    """Start the launcher as the runner would before its first claim, and stop it."""
+    if launcher is None:  # no fork here (Windows): jobs run in threads
+        checklist.line("Job processes", "none on this system: jobs run in threads of the runner")
+        return
+    try:
+        launcher.start()
+        checklist.line("Job processes", "start (forked by a launcher, as the runner starts them)")
+    except LauncherUnavailable as error:
+        checklist.problem("Job processes", error.one_line())
+    finally:
+        launcher.close()
 
 
 def _check_state_directory(checklist, state):
@@ -4723,10 +4738,10 @@ class SlurmClient:
         return answer.strip().split(";")[0]
 
     def runners(self):
-        """{job id: state} of the scaler's batch jobs that Slurm still has, ended ones aside."""
-        answer = self._run(["squeue", "--noheader", "--name=" + self.job_name, "--format=%i %T"])
-        jobs = dict(line.split()[:2] for line in answer.splitlines() if len(line.split()) >= 2)
-        return {job_id: state for job_id, state in jobs.items() if state in SLURM_ACTIVE_STATES}
+        """{job id: state} of the scaler's batch jobs that Slurm still lists, the ones that
+        ended lately included (Slurm keeps them for its MinJobAge)."""
+        answer = self._run(["squeue", "--noheader", "--states=all", "--name=" + self.job_name, "--format=%i %T"])
+        return dict(line.split()[:2] for line in answer.splitlines() if len(line.split()) >= 2)
 
     def _run(self, command, stdin=None):
         import subprocess
@@ -4759,7 +4774,8 @@ class ScalingDecision(collections.namedtuple("ScalingDecision", "waiting orphans
 
 def scaling_decision(waiting, orphans, runners, concurrency, max_runners):
     """How many runners to submit: enough for the waiting jobs (``concurrency`` each) and one
-    for each orphaned state directory, less those in Slurm already, within ``max_runners``."""
+    for each orphaned state directory, less those in Slurm already (``runners``: {job id:
+    state}, the active ones), within ``max_runners``."""
     running = sum(state != "PENDING" for state in runners.values())
     pending = len(runners) - running
     needed = min(max_runners, -(-waiting // concurrency) + orphans)
@@ -4779,6 +4795,9 @@ class SlurmScaler:
         self.shutdown = ShutdownRequests(self.waker)
         self.retrying = Retrying(SLURM_RETRY_MAX_S, self._sleep, lambda delay: self.shutdown.graceful)
         self._said = None  # the last decision logged, so that an unchanged one is not logged again
+        self._submitted = set()  # the batch jobs this scaler submitted whose end it has not judged yet
+        self._failed_in_a_row = 0  # runners that failed since one ended well
+        self._hold_until = 0.0  # after a runner failed, no submission before this time.monotonic()
 
     def run(self, job_types):
         self.shutdown.install()
@@ -4797,27 +4816,68 @@ class SlurmScaler:
     def _round(self, job_types):
         self.notices.polled()
         waiting = len(self.client.available(job_types))
-        decision = scaling_decision(waiting, len(self.pool.orphans()), self.slurm.runners(),
-                                    self.settings.concurrency, self.settings.max_runners)
-        said, quiet = str(decision), not (decision.waiting or decision.orphans)
-        if decision.submit or quiet and said != self._said:  # what it does, and once the queue is empty
+        runners = self.slurm.runners()
+        self._judge_ended(runners)
+        active = {job_id: state for job_id, state in runners.items() if state in SLURM_ACTIVE_STATES}
+        decision = scaling_decision(waiting, len(self.pool.orphans()), active, self.settings.concurrency,
+                                    self.settings.max_runners)
+        held = max(0.0, self._hold_until - time.monotonic()) if decision.submit else 0.0
+        said = str(decision) + (" (held %s after a runner failed)" % describe_seconds(held) if held else "")
+        quiet = not (decision.waiting or decision.orphans)
+        if decision.submit and not held or quiet and said != self._said:  # what it does; the queue emptied
             LOG.info("%s", said)
         else:
             LOG.debug("%s", said)
         self._said = said
-        for _ in range(decision.submit):
+        for _ in range(0 if held else decision.submit):
             job_id = self.slurm.submit(SLURM_BATCH_SCRIPT.format(command=self.runner_command), self.sbatch_options)
+            self._submitted.add(job_id)
             LOG.info("Submitted runner %s", job_id)
+
+    def _judge_ended(self, runners):
+        """A runner of ours that failed (a wrong setting on the compute nodes, say) holds the
+        next submission back, longer each time, so that a runner that cannot start is not
+        submitted again every round; one that ended well resets that."""
+        for job_id in sorted(self._submitted & set(runners)):
+            state = runners[job_id]
+            if state in SLURM_ACTIVE_STATES:
+                continue
+            self._submitted.discard(job_id)
+            if state == "COMPLETED":
+                self._failed_in_a_row = 0
+            elif state == "FAILED":
+                delay = min(SLURM_RETRY_MAX_S, self.settings.poll_interval * 2 ** min(self._failed_in_a_row, 20))
+                LOG.log(logging.DEBUG if self._failed_in_a_row else logging.WARNING,
+                        "Runner %s failed in Slurm; %s says: %s; the next runner waits %s, longer while they fail",
+                        job_id, self._output_of(job_id), _last_error(self._output_of(job_id)), describe_seconds(delay))
+                self._failed_in_a_row += 1
+                self._hold_until = time.monotonic() + delay
+
+    def _output_of(self, job_id):
+        return os.path.join(self.settings.state_dir, "logs", "runner-%s.out" % job_id)
 
     def _sleep(self, seconds, until=lambda: False):
         wait_until(self.waker, seconds, lambda: self.shutdown.graceful or until())
 
 
+def _last_error(path):
+    """The last error line of a runner's output (else its last line), or why there is none."""
+    try:
+        with open(path, "rb") as stream:
+            stream.seek(0, os.SEEK_END)
+            stream.seek(max(0, stream.tell() - 4096))
+            lines = [line.strip() for line in stream.read().decode("utf-8", "replace").splitlines() if line.strip()]
+    except OSError as error:
+        return "(cannot read it: %s)" % (error.strerror or error)
+    errors = [line for line in lines if re.search(r"\bError\b|\bERROR\b", line)]
+    return (errors or lines or ["(nothing)"])[-1]
+
+
 def sbatch_options(settings, header_lines):
-    """What sbatch gets: the output files, the warning signal before the time limit, then the
-    operator's #SBATCH header and --sbatch-option options (later ones win)."""
-    options = ["--output=%s" % os.path.join(settings.state_dir, "logs", "runner-%j.out"),
-               "--signal=B:TERM@%d" % settings.stop_margin]
+    """What sbatch gets: the output files, the warning signal before the time limit, a CPU per
+    slot, then the operator's #SBATCH header and --sbatch-option options (later ones win)."""
+    options = ["--output=%s" % os.path.join(os.path.abspath(settings.state_dir), "logs", "runner-%j.out"),
+               "--signal=B:TERM@%d" % settings.stop_margin, "--cpus-per-task=%d" % settings.concurrency]
     for line in header_lines:
         words = line.split()
         if words[:1] == ["#SBATCH"]:

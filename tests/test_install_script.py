@@ -283,14 +283,21 @@ def stub_figpack_venv(prefix, real_python):
     return python
 
 
-@pytest.mark.slow
-def test_with_figpack_the_next_steps_ask_for_the_figpack_api_key(tmp_path, stand_in):
+@pytest.fixture
+def figpack_install(tmp_path, stand_in):
+    """An install --with-figpack (pip stubbed): (its CompletedProcess, the prefix, the venv's python)."""
     prefix = tmp_path / "prefix"
     python = python_for_figpack()
     venv_python = stub_figpack_venv(prefix, python)
     r = run_install(tmp_path, "--from-file", str(stand_in), "--prefix", str(prefix), "--with-figpack",
                     PYTHON=python)
     assert r.returncode == 0, r.stderr
+    return r, prefix, venv_python
+
+
+@pytest.mark.slow
+def test_with_figpack_the_next_steps_ask_for_the_figpack_api_key(figpack_install):
+    r, prefix, venv_python = figpack_install
     assert "stub pip: -m pip install figpack figpack-spike-sorting lindi" in r.stdout
     assert f"exec {venv_python} " in (prefix / "bin" / "runpack").read_text()
     next_steps = r.stdout.split("Next steps:")[1]
@@ -299,13 +306,8 @@ def test_with_figpack_the_next_steps_ask_for_the_figpack_api_key(tmp_path, stand
 
 
 @pytest.mark.slow
-def test_with_figpack_says_what_it_installed_and_how_to_build_what_it_did_not(tmp_path, stand_in):
-    prefix = tmp_path / "prefix"
-    python = python_for_figpack()
-    venv_python = stub_figpack_venv(prefix, python)
-    r = run_install(tmp_path, "--from-file", str(stand_in), "--prefix", str(prefix), "--with-figpack",
-                    PYTHON=python)
-    assert r.returncode == 0, r.stderr
+def test_with_figpack_says_what_it_installed_and_how_to_build_what_it_did_not(figpack_install):
+    r, _, venv_python = figpack_install
     figpack_note = r.stdout.split("\nfigpack: ")[1].split("\nTo uninstall")[0]
     assert "figpack figpack-spike-sorting lindi" in figpack_note
     assert "figpack_nwb_raster_plot" in figpack_note

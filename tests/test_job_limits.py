@@ -631,28 +631,23 @@ def one_line_usage_error(result, line):
     assert result.stderr.strip().splitlines() == [line]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("command", ["check", "run", "runner"])
-def test_a_bad_allowed_network_is_one_line_and_exit_2_for_every_command(worker, tmp_path, command):
-    flags = {"check": ("check", "--worker-url", worker.url, "--state-dir", str(tmp_path)),
-             "run": ("run", "fetch_url", "url=http://127.0.0.2/") + HANDLERS,
-             "runner": ("runner", "--worker-url", worker.url, "--state-dir", str(tmp_path)) + HANDLERS}[command]
-    result = run_cli(*(flags + ("--allow-job-network", "10.0.0.0/33")), env={"RUNPACK_RUNNER_API_KEY": RUNNER_KEY})
-    one_line_usage_error(result, "Error: --allow-job-network must be a list of networks such as 10.1.0.0/16 "
-                                 "(or any), got '10.0.0.0/33'")
-    assert worker.requests == [], "nothing starts with a bad setting"
+BAD_LIMITS = [("--allow-job-network", "10.0.0.0/33", "Error: --allow-job-network must be a list of networks such "
+                "as 10.1.0.0/16 (or any), got '10.0.0.0/33'"),
+              ("--job-memory-limit", "12", "Error: --job-memory-limit must be a size from 64M such as 512M or 4G "
+               "(0: no limit), got '12'")]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["check", "run", "runner"])
-def test_a_memory_limit_under_64m_is_one_line_and_exit_2_for_every_command(worker, tmp_path, command):
+@pytest.mark.parametrize("flag, value, line", BAD_LIMITS, ids=["allowed network", "memory limit under 64M"])
+def test_a_bad_limit_is_one_line_and_exit_2_for_every_command_and_nothing_starts(
+        worker, tmp_path, command, flag, value, line):
     flags = {"check": ("check", "--worker-url", worker.url, "--state-dir", str(tmp_path)),
              "run": ("run", "balloon", "megabytes=1") + HANDLERS,
              "runner": ("runner", "--worker-url", worker.url, "--state-dir", str(tmp_path)) + HANDLERS}[command]
-    result = run_cli(*(flags + ("--job-memory-limit", "12")), env={"RUNPACK_RUNNER_API_KEY": RUNNER_KEY})
-    one_line_usage_error(result, "Error: --job-memory-limit must be a size from 64M such as 512M or 4G "
-                                 "(0: no limit), got '12'")
-    assert worker.requests == []
+    result = run_cli(*(flags + (flag, value)), env={"RUNPACK_RUNNER_API_KEY": RUNNER_KEY})
+    one_line_usage_error(result, line)
+    assert worker.requests == [], "nothing starts with a bad setting"
 
 
 @pytest.mark.slow

@@ -245,12 +245,6 @@ def test_check_counts_the_job_records_waiting_and_changes_nothing_on_disk(worker
 # ---- Durations in messages --------------------------------------------------------------
 
 
-def test_idle_timeout_exits_6_saying_how_long_in_seconds(worker, start_runner):
-    runner = start_runner("--idle-timeout", "1")
-    assert runner.wait() == 6
-    assert "Stopping: no job for 1 s (--idle-timeout)" in runner.output
-
-
 def test_a_completed_job_is_logged_with_its_duration_in_seconds(worker, start_runner):
     job_id = worker.add_job("hello_world", {"name": "timed", "processing_time": 0})
     runner = start_runner("--once")

@@ -1,0 +1,498 @@
+"""The Slurm scaler (`runpack_runner.py slurm`) end to end: the real CLI against the fake worker and
+a real throw-away Slurm cluster (tests/slurm_cluster.py), one per test.
+
+A burst of jobs drains through at most --max-runners batch jobs of runners, each job reported
+once; idle runners leave and the queue empties; a runner killed mid-job leaves a state directory
+that gets a runner of its own, which runs the job again; a scaler killed with -9 and started again
+counts the runners already in Slurm; an sbatch that fails is one warning and a back-off; bad
+settings exit with their codes; and the runner key is in no command line and no file. Nothing
+here asserts a duration: waits are for states, and rounds are counted in the scaler's log.
+"""
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import RUNNER_KEY, RUNNER_PY, TEST_JOB_TYPES, run_cli
+from fake_worker import FakeWorker
+from slurm_cluster import TAG_VARIABLE, SlurmCluster, cluster_processes, require_slurm, wait_until_gone
+
+import runpack_runner
+
+# The runner settings the scaler passes on to its runners; the scaler polls at --poll-interval.
+FAST_SETTINGS = ("--poll-interval", "0.5", "--poll-interval-step", "0.1", "--poll-interval-max", "0.5",
+                 "--heartbeat-interval", "0.5", "--request-timeout", "2", "--retry-max", "0.3")
+HANDLERS = ("--handlers", TEST_JOB_TYPES)
+DECISION = re.compile(r"(\d+) jobs? waiting(?:, (\d+) state director(?:y|ies) with a job to run again)?, "
+                      r"(\d+) runners? running, (\d+) pending: submitting (none|\d+)")
+QUIET_ROUND = "0 jobs waiting, 0 runners running, 0 pending: submitting none"
+EXIT_USAGE, EXIT_STATE_DIR_BUSY = 2, 4
+SCALER_START_TIMEOUT_S = 30
+DRAIN_TIMEOUT_S = 90
+
+
+# ---- Fixtures and helpers ---------------------------------------------------------------
+
+
+@pytest.fixture
+def worker():
+    """A fake worker whose rate limit no poll of these tests reaches (the scaler and its runners
+    poll every half second for a minute or more)."""
+    with FakeWorker(rate_limit=100000) as fake:
+        yield fake
+        assert not fake.internal_errors, "the fake worker itself failed:\n%s" % fake.internal_errors
+
+
+@pytest.fixture
+def cluster():
+    """A Slurm cluster of this test's own (about a second to start): its teardown ends every job and
+    every process started with its environment, the scalers included."""
+    require_slurm()
+    with SlurmCluster() as started:
+        yield started
+
+
+def scaler_environment(cluster, **overrides):
+    """The cluster's environment (SLURM_CONF and its tag) with the runner key and no other Runpack
+    setting of the machine running the tests."""
+    env = {key: value for key, value in cluster.env.items()
+           if key == TAG_VARIABLE or not key.startswith(("RUNPACK_", "NOTIFY_RELAY_"))}
+    env["RUNPACK_RUNNER_API_KEY"] = RUNNER_KEY
+    env.update(overrides)
+    return env
+
+
+class Scaler:
+    """`python runpack_runner.py slurm ...` in the background, its stdout in a file."""
+
+    def __init__(self, command, env, output_path):
+        self.command, self.output_path = command, output_path
+        self._output = open(output_path, "wb")
+        self.process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=self._output,
+                                        stderr=subprocess.STDOUT)
+
+    @property
+    def output(self):
+        with open(self.output_path, encoding="utf-8", errors="replace") as stream:
+            return stream.read()
+
+    def decisions(self):
+        """The scaler's round lines so far, as DECISION matches."""
+        return [match for match in map(DECISION.search, self.output.splitlines()) if match]
+
+    def wait_for(self, predicate, timeout=SCALER_START_TIMEOUT_S, message="the scaler's output"):
+        deadline = time.monotonic() + timeout
+        while not predicate(self.output):
+            if self.process.poll() is not None:
+                raise AssertionError("the scaler exited with %s; %s:\n%s" % (self.process.returncode, message,
+                                                                             self.output))
+            if time.monotonic() > deadline:
+                raise AssertionError("%s never came within %ss:\n%s" % (message, timeout, self.output))
+            time.sleep(0.05)
+
+    def wait_for_text(self, text, count=1, timeout=SCALER_START_TIMEOUT_S):
+        self.wait_for(lambda output: output.count(text) >= count, timeout, "%d x %r" % (count, text))
+
+    def stop(self, timeout=20):
+        """SIGTERM, and the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the scaler did not exit within %ss of SIGTERM:\n%s" % (timeout, self.output))
+
+    def close(self):
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self._output.close()
+
+
+@pytest.fixture
+def start_scaler(tmp_path, worker, cluster):
+    """Start the real `slurm` command on ``tmp_path/scaler`` against the fake worker and the cluster:
+    ``start_scaler("--max-runners", "3", "--idle-timeout", "2")``; each is stopped at teardown."""
+    started = []
+
+    def start(*extra_args, state_dir=None, env=None):
+        command = [sys.executable, RUNNER_PY, "slurm", "--state-dir", str(state_dir or tmp_path / "scaler"),
+                   "--worker-url", worker.url] + list(FAST_SETTINGS) + list(extra_args)
+        scaler = Scaler(command, scaler_environment(cluster, **(env or {})),
+                        str(tmp_path / ("scaler-%d.out" % len(started))))
+        started.append(scaler)
+        return scaler
+
+    yield start
+    for scaler in started:
+        scaler.close()
+
+
+def scaler_dir(tmp_path):
+    return str(tmp_path / "scaler")
+
+
+def scaler_identity(state_dir, timeout=SCALER_START_TIMEOUT_S):
+    """The scaler's {runner_id, runner_name}, once it has registered with the worker."""
+    path = os.path.join(state_dir, ".runpack_runner.json")
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline, "the scaler never saved its identity in %s" % path
+        time.sleep(0.05)
+    return runpack_runner.StateDirectory(state_dir).load_identity()
+
+
+def scaler_job_name(state_dir):
+    """The name of the scaler's batch jobs: runpack-<first 8 characters of its runner id>."""
+    return "runpack-" + scaler_identity(state_dir)["runner_id"][:8]
+
+
+def scaler_jobs(cluster, job_name):
+    """The scaler's batch jobs still active in Slurm."""
+    return [job for job in cluster.active_jobs() if job.name == job_name]
+
+
+def pool_directories(state_dir):
+    """{runner id: pool directory} of the runners that took a directory of DIR/runners."""
+    pool = runpack_runner.StatePool(os.path.join(state_dir, "runners"))
+    identities = {state.path: state.load_identity() for state in pool.directories()}
+    return {identity["runner_id"]: path for path, identity in identities.items() if identity}
+
+
+def read(path):
+    with open(path, encoding="utf-8", errors="replace") as stream:
+        return stream.read()
+
+
+def drain_while_sampling(worker, cluster, job_ids, job_name, timeout=DRAIN_TIMEOUT_S):
+    """Wait until every job is completed, sampling the scaler's active batch jobs meanwhile;
+    the largest number of them seen at once."""
+    deadline, most = time.monotonic() + timeout, 0
+    while True:
+        most = max(most, len(scaler_jobs(cluster, job_name)))
+        if all(worker.job(job_id)["status"] == "completed" for job_id in job_ids):
+            return most
+        if time.monotonic() > deadline:
+            raise AssertionError("jobs not completed after %ss; Slurm: %s\n%s"
+                                 % (timeout, cluster.jobs(), worker.describe()))
+        time.sleep(0.1)
+
+
+def assert_each_reported_once(worker, job_ids):
+    for job_id in job_ids:
+        job = worker.job(job_id)
+        assert job["status"] == "completed", job
+        assert [kind for kind, _ in job["reports"]] == ["complete"], "job %s: reports %s" % (job_id, job["reports"])
+        assert worker.count("complete", job_id=job_id, status=200) == 1
+
+
+def is_in_progress(worker, job_id):
+    """True once the job's runner has sent a heartbeat: the job runs."""
+    return worker.job(job_id)["status"] == "in_progress"
+
+
+# ---- How many runners: scaling_decision ---------------------------------------------------
+
+
+def test_scaling_decision_submits_enough_runners_for_the_waiting_jobs():
+    decision = runpack_runner.scaling_decision(3, 0, {"1": "RUNNING"}, 1, 8)
+
+    assert (decision.submit, decision.running, decision.pending) == (2, 1, 0)
+    assert str(decision) == "3 jobs waiting, 1 runner running, 0 pending: submitting 2"
+
+
+def test_scaling_decision_never_goes_past_max_runners():
+    assert runpack_runner.scaling_decision(50, 0, {}, 1, 3).submit == 3
+    assert runpack_runner.scaling_decision(50, 2, {"1": "PENDING"}, 1, 3).submit == 2
+    assert runpack_runner.scaling_decision(50, 0, {"1": "RUNNING", "2": "PENDING", "3": "RUNNING"}, 1, 3).submit == 0
+
+
+def test_scaling_decision_gives_each_orphaned_state_directory_a_runner():
+    decision = runpack_runner.scaling_decision(0, 2, {}, 1, 8)
+
+    assert decision.submit == 2
+    assert str(decision) == ("0 jobs waiting, 2 state directories with a job to run again, 0 runners running, "
+                             "0 pending: submitting 2")
+    assert runpack_runner.scaling_decision(3, 1, {"1": "RUNNING"}, 1, 8).submit == 3
+
+
+def test_scaling_decision_counts_the_concurrency_of_each_runner():
+    assert runpack_runner.scaling_decision(9, 0, {}, 4, 8).submit == 3
+    assert runpack_runner.scaling_decision(8, 0, {}, 4, 8).submit == 2
+    assert runpack_runner.scaling_decision(9, 0, {"1": "PENDING"}, 4, 8).submit == 2
+
+
+def test_scaling_decision_submits_nothing_when_nothing_waits():
+    decision = runpack_runner.scaling_decision(0, 0, {"7": "RUNNING", "8": "COMPLETING"}, 1, 8)
+
+    assert (decision.submit, decision.running, decision.pending) == (0, 2, 0)
+    assert str(decision) == "0 jobs waiting, 2 runners running, 0 pending: submitting none"
+
+
+# ---- Scaling with the jobs -------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_burst_drains_through_at_most_max_runners_with_each_job_reported_once(
+        worker, cluster, start_scaler, tmp_path):
+    job_ids = [worker.add_job("hello_world", {"name": "n%d" % number, "processing_time": 1})
+               for number in range(12)]
+
+    start_scaler("--max-runners", "3", "--idle-timeout", "2")
+    job_name = scaler_job_name(scaler_dir(tmp_path))
+    most_at_once = drain_while_sampling(worker, cluster, job_ids, job_name)
+
+    assert_each_reported_once(worker, job_ids)
+    assert 1 <= most_at_once <= 3
+    runners = pool_directories(scaler_dir(tmp_path))
+    claimed_by = {worker.job(job_id)["claimed_by"] for job_id in job_ids}
+    assert len(claimed_by) > 1, "one runner ran every job"
+    assert claimed_by <= set(runners), "jobs claimed by runners that have no pool directory"
+
+
+@pytest.mark.slow
+def test_idle_runners_leave_and_the_scaler_submits_nothing_while_nothing_waits(
+        worker, cluster, start_scaler, tmp_path):
+    job_ids = [worker.add_job("hello_world", {"name": "n%d" % number, "processing_time": 1})
+               for number in range(3)]
+    scaler = start_scaler("--max-runners", "2", "--idle-timeout", "2", "--verbose")
+    job_name = scaler_job_name(scaler_dir(tmp_path))
+    drain_while_sampling(worker, cluster, job_ids, job_name)
+
+    cluster.wait_for_no_jobs(timeout=60)
+    ended = [job for job in cluster.jobs() if job.name == job_name]  # for MinJobAge seconds
+    assert scaler.process.poll() is None, "the scaler exited:\n" + scaler.output
+    submitted, quiet_rounds = scaler.output.count("Submitted runner"), scaler.output.count(QUIET_ROUND)
+    scaler.wait_for_text(QUIET_ROUND, count=quiet_rounds + 4)
+
+    assert scaler.output.count("Submitted runner") == submitted
+    assert scaler_jobs(cluster, job_name) == []
+    assert ended and {job.state for job in ended} == {"COMPLETED"}, "an idle runner's exit is no failure"
+    assert_each_reported_once(worker, job_ids)
+    for pool_dir in pool_directories(scaler_dir(tmp_path)).values():
+        assert "(--idle-timeout)" in read(os.path.join(pool_dir, "runpack_runner.log"))
+
+
+@pytest.mark.slow
+def test_without_verbose_the_scaler_logs_only_its_submissions_and_the_queue_going_quiet(
+        worker, cluster, start_scaler, tmp_path):
+    job_ids = [worker.add_job("hello_world", {"name": "n%d" % number, "processing_time": 1})
+               for number in range(2)]
+    scaler = start_scaler("--max-runners", "1", "--idle-timeout", "1")
+    scaler_id = scaler_identity(scaler_dir(tmp_path))["runner_id"]
+    drain_while_sampling(worker, cluster, job_ids, "runpack-" + scaler_id[:8])
+    cluster.wait_for_no_jobs(timeout=60)
+    scaler.wait_for_text(QUIET_ROUND)
+    rounds = worker.count("available", runner_id=scaler_id)
+    worker.wait_until(lambda: worker.count("available", runner_id=scaler_id) >= rounds + 3, timeout=30,
+                      message="the scaler stopped polling")
+
+    lines = [line for line in scaler.output.splitlines() if DECISION.search(line)]
+    logged = read(os.path.join(scaler_dir(tmp_path), "runpack_slurm.log")).splitlines()
+    assert [line for line in logged if DECISION.search(line)] == lines, "the log file and stdout differ"
+    assert lines[0].endswith("INFO: 2 jobs waiting, 0 runners running, 0 pending: submitting 1"), lines
+    assert all(" INFO: " in line for line in lines), lines
+    said = [DECISION.search(line).group(0) for line in lines]
+    assert all(line.startswith("0 jobs waiting") for line in said if line.endswith("submitting none")), said
+    assert all(earlier != later for earlier, later in zip(said, said[1:])), said
+    assert said[-1] == QUIET_ROUND
+    assert len(lines) < worker.count("available", runner_id=scaler_id)
+
+
+# ---- Runners that die, a scaler that dies ---------------------------------------------------------
+
+
+@contextlib.contextmanager
+def pool_directory_held(path):
+    """Hold the lock of the pool directory ``path``, as a live runner would, so that a runner
+    started meanwhile takes another one."""
+    state = runpack_runner.StateDirectory(path)
+    state.prepare()
+    state.lock()
+    try:
+        yield state
+    finally:
+        state.unlock()
+
+
+@pytest.mark.slow
+def test_a_runner_killed_mid_job_gets_a_new_runner_on_its_state_directory_that_reports_once(
+        worker, cluster, start_scaler, tmp_path):
+    """The killed runner works in DIR/runners/2 while DIR/runners/1, free and empty, comes first
+    in the pool: the job runs again only if the new runner prefers the directory with its record."""
+    marker = str(tmp_path / "started")
+    free_dir, orphan_dir = (os.path.join(scaler_dir(tmp_path), "runners", name) for name in ("1", "2"))
+    job_id = worker.add_job("counted_sleep", {"marker": marker, "seconds": 6})
+    with pool_directory_held(free_dir):
+        scaler = start_scaler("--max-runners", "2", "--idle-timeout", "2", *HANDLERS)
+        job_name = scaler_job_name(scaler_dir(tmp_path))
+        worker.wait_until(lambda: is_in_progress(worker, job_id) and os.path.exists(marker), timeout=60,
+                          message="the job never started in a runner")
+    [killed] = scaler_jobs(cluster, job_name)
+    first_runner = worker.job(job_id)["claimed_by"]
+    assert pool_directories(scaler_dir(tmp_path))[first_runner] == orphan_dir
+    runner_pid = int(read(os.path.join(orphan_dir, ".runpack_runner.lock")))
+
+    cluster.run("scancel", "--full", "--signal=KILL", killed.id)
+
+    assert wait_until_gone([runner_pid], 15) == [], "the runner outlived scancel --signal=KILL"
+    worker.wait_until(lambda: worker.job(job_id)["status"] == "completed", timeout=DRAIN_TIMEOUT_S,
+                      message="the job never completed after its runner was killed")
+    assert_each_reported_once(worker, job_ids=[job_id])
+    assert worker.job(job_id)["claimed_by"] == first_runner
+    assert read(marker).count("started") == 2, "the job did not run again: %s" % read(marker)
+    assert "running it again" in read(os.path.join(orphan_dir, "runpack_runner.log"))
+    orphan_rounds = [match.group(0) for match in scaler.decisions() if match.group(2) == "1"]
+    assert any(line.startswith("0 jobs waiting") and line.endswith("submitting 1") for line in orphan_rounds), \
+        "no runner for the orphaned directory while nothing waited:\n" + scaler.output
+
+
+@pytest.mark.slow
+def test_a_scaler_killed_and_started_again_counts_the_runners_already_in_slurm(
+        worker, cluster, start_scaler, tmp_path):
+    job_ids = [worker.add_job("hello_world", {"name": "n%d" % number, "processing_time": 4})
+               for number in range(4)]
+    first = start_scaler("--max-runners", "2", "--idle-timeout", "2", "--verbose")
+    first.wait_for_text("Submitted runner", count=2)
+    job_name = scaler_job_name(scaler_dir(tmp_path))
+
+    first.process.send_signal(signal.SIGKILL)
+    first.process.wait()
+    assert len(scaler_jobs(cluster, job_name)) == 2
+    second = start_scaler("--max-runners", "2", "--idle-timeout", "2", "--verbose")
+    most_at_once = drain_while_sampling(worker, cluster, job_ids, job_name)
+
+    assert most_at_once <= 2
+    assert_each_reported_once(worker, job_ids)
+    second.wait_for(lambda output: DECISION.search(output), message="a round of the second scaler")
+    first_round = second.decisions()[0]
+    running, pending, submit = int(first_round.group(3)), int(first_round.group(4)), first_round.group(5)
+    assert (running + pending, submit) == (2, "none"), first_round.group(0)
+
+
+# ---- sbatch failing, bad settings ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_failing_sbatch_is_one_warning_then_quiet_retries_and_sigterm_exits_0(
+        worker, cluster, start_scaler, tmp_path):
+    worker.add_job("hello_world", {"name": "waits", "processing_time": 0})
+
+    scaler = start_scaler("--max-runners", "2", "--sbatch-option=--partition=nope", "--verbose")
+    scaler.wait_for_text("Cannot scale yet", count=3)
+
+    assert scaler.process.poll() is None
+    failures = [line for line in scaler.output.splitlines() if "sbatch failed (exit" in line]
+    warnings = [line for line in failures if "WARNING:" in line]
+    assert len(warnings) == 1, warnings
+    assert "sbatch: error: Batch job submission failed: Invalid partition name specified" in warnings[0], warnings[0]
+    assert all("DEBUG:" in line for line in failures if line not in warnings)
+    assert cluster.jobs() == []
+    assert scaler.stop() == 0
+
+
+@pytest.mark.slow
+def test_a_runner_that_fails_in_slurm_is_warned_of_once_with_its_error_and_the_next_ones_wait_longer(
+        worker, cluster, start_scaler):
+    """--export=NONE (some sites' default) keeps the key from the runner: it fails at once. The
+    scaler must not submit a failing runner every round."""
+    worker.add_job("hello_world", {"name": "waits", "processing_time": 0})
+    scaler = start_scaler("--max-runners", "2", "--sbatch-option=--export=NONE", "--verbose")
+    scaler.wait_for_text("failed in Slurm", count=3)
+    failures = [line for line in scaler.output.splitlines() if "failed in Slurm" in line]
+    assert "WARNING:" in failures[0] and all("DEBUG:" in line for line in failures[1:])
+    assert "says: Error: RUNPACK_RUNNER_API_KEY environment variable is not set" in failures[0]
+    waits = [float(re.search(r"the next runner waits ([\d.]+) s", line).group(1)) for line in failures]
+    assert waits == sorted(waits) and waits[-1] > waits[0], "the waits grow"
+    assert scaler.stop() == 0
+
+
+@pytest.mark.slow
+def test_the_scaler_without_max_runners_exits_2_with_one_line(worker, tmp_path):
+    result = run_cli("slurm", "--state-dir", str(tmp_path / "scaler"), "--worker-url", worker.url,
+                     env={"RUNPACK_RUNNER_API_KEY": RUNNER_KEY})
+
+    assert result.returncode == EXIT_USAGE
+    assert result.stderr.strip().splitlines() == ["Error: give the most runners to keep in Slurm: --max-runners N"]
+
+
+@pytest.mark.slow
+def test_the_scaler_without_a_key_exits_2_naming_the_variable(worker, tmp_path):
+    result = run_cli("slurm", "--max-runners", "2", "--state-dir", str(tmp_path / "scaler"),
+                     "--worker-url", worker.url)
+
+    assert result.returncode == EXIT_USAGE
+    assert "RUNPACK_RUNNER_API_KEY" in result.stderr.splitlines()[0]
+    assert worker.requests == []
+
+
+@pytest.mark.slow
+def test_the_scaler_without_sbatch_on_path_exits_2_naming_sbatch(worker, tmp_path):
+    result = run_cli("slurm", "--max-runners", "2", "--state-dir", str(tmp_path / "scaler"),
+                     "--worker-url", worker.url, env={"RUNPACK_RUNNER_API_KEY": RUNNER_KEY, "PATH": "/nonexistent"})
+
+    assert result.returncode == EXIT_USAGE
+    assert len(result.stderr.strip().splitlines()) == 1 and "sbatch" in result.stderr, result.stderr
+    assert worker.requests == []
+
+
+@pytest.mark.slow
+def test_a_second_scaler_on_the_same_state_directory_exits_4(worker, cluster, start_scaler, tmp_path):
+    first = start_scaler("--max-runners", "2")
+    first.wait_for_text(QUIET_ROUND)
+
+    second = subprocess.run([sys.executable, RUNNER_PY, "slurm", "--max-runners", "2", "--state-dir",
+                             scaler_dir(tmp_path), "--worker-url", worker.url],
+                            env=scaler_environment(cluster), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True, timeout=60)
+
+    assert second.returncode == EXIT_STATE_DIR_BUSY, second.stderr
+    assert "another scaler" in second.stderr
+    assert first.process.poll() is None
+    assert first.stop() == 0
+
+
+# ---- The key ----------------------------------------------------------------------------------
+
+
+def command_line(pid):
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as stream:
+            return stream.read().replace(b"\0", b" ").decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+@pytest.mark.slow
+def test_the_runner_key_is_in_no_command_line_no_batch_script_and_no_file(
+        worker, cluster, start_scaler, tmp_path):
+    job_id = worker.add_job("hello_world", {"name": "secret keeper", "processing_time": 4})
+    start_scaler("--max-runners", "1", "--idle-timeout", "1")
+    job_name = scaler_job_name(scaler_dir(tmp_path))
+    worker.wait_until(lambda: is_in_progress(worker, job_id), timeout=60, message="the job never started in a runner")
+    [runner_job] = scaler_jobs(cluster, job_name)
+
+    shown = cluster.run("scontrol", "show", "job", runner_job.id).stdout
+    script = cluster.run("scontrol", "write", "batch_script", runner_job.id, "-").stdout
+    command_lines = [command_line(pid) for pid in cluster_processes(cluster.tag)]
+    worker.wait_until(lambda: worker.job(job_id)["status"] == "completed", timeout=60)
+    cluster.wait_for_no_jobs(timeout=60)
+
+    assert job_name in shown and RUNNER_KEY not in shown
+    assert "runner --state-pool" in script and RUNNER_KEY not in script
+    assert any("runner --state-pool" in line for line in command_lines), command_lines
+    assert [line for line in command_lines if RUNNER_KEY in line] == []
+    files = [os.path.join(folder, name) for folder, _, names in os.walk(scaler_dir(tmp_path)) for name in names]
+    assert any(path.endswith("runpack_runner.log") for path in files), files
+    holding_the_key = []
+    for path in files:
+        with open(path, "rb") as stream:
+            if RUNNER_KEY.encode() in stream.read():
+                holding_the_key.append(path)
+    assert holding_the_key == []

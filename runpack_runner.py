@@ -3788,6 +3788,13 @@ JOB_DURATION_BUCKETS_S = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 21600)
 HEALTH_SILENCE_FACTOR = 2
 
 
+RELAY_STATES = ("connecting", "listening", "retrying", "key rejected")  # see RelaySubscriber.state
+# What the runner is at when scraped: its slots, the reports on disk, its relay subscription ("" when
+# none), and why it stops ("" while it does not).
+RunnerStatus = collections.namedtuple("RunnerStatus", "slots slots_busy reports_pending relay_state relay_notices "
+                                                      "stopping")
+
+
 class JobDurations:
     """One job type's histogram of job durations: a count per bucket bound, the count, the sum."""
 
@@ -3846,8 +3853,7 @@ class RunnerMetrics:
             durations = [samples for job_type, histogram in sorted(self.durations.items())
                          for samples in histogram.samples(job_type)]
             claims_lost = self.claims_lost
-        relay = [("", {"state": state}, int(state == status.relay_state)) for state in RELAY_STATES
-                 ] if status.relay_state else []
+        relay = [("", {"state": state}, int(state == status.relay_state)) for state in RELAY_STATES]
         return [
             ("runpack_build_info", "gauge", "The runner's version and Python.",
              [("", {"version": __version__, "python": sys.version.split()[0]}, 1)]),
@@ -3866,15 +3872,11 @@ class RunnerMetrics:
              [("", {}, time.monotonic() - self.last_answer)] if self.last_answer is not None else []),
             ("runpack_reports_pending", "gauge", "Reports kept in the state directory, not yet accepted.",
              [("", {}, status.reports_pending)]),
-            ("runpack_relay_state", "gauge", "The NotifyRelay subscription's state (1: the current one).", relay),
+            ("runpack_relay_state", "gauge", "The NotifyRelay subscription's state (1: the current one).",
+             relay if status.relay_state else []),
             ("runpack_relay_notices_total", "counter", "New-job notices from NotifyRelay.",
              [("", {}, status.relay_notices)] if status.relay_state else []),
         ]
-
-
-RELAY_STATES = ("connecting", "listening", "retrying", "key rejected")
-RunnerStatus = collections.namedtuple("RunnerStatus", "slots slots_busy reports_pending relay_state relay_notices "
-                                                      "stopping")
 
 
 def prometheus_text(families):
@@ -4695,7 +4697,8 @@ def _check_relay(checklist, settings, relay_key):
 SLURM_RUNNER_IDLE_TIMEOUT_S = 300.0  # the runners' --idle-timeout unless given: Slurm's queue empties
 SLURM_COMMAND_TIMEOUT_S = 60.0  # a slurmctld that does not answer an sbatch or squeue in this long is down
 SLURM_RETRY_MAX_S = 300.0  # the longest wait after sbatch or squeue failed
-SLURM_ACTIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED")
+# A runner's batch job that may still take a job (COMPLETING: its script has ended).
+SLURM_ACTIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED")
 # The batch script: the runner as a child, so that the shell can pass Slurm's warning signal on
 # (--signal=B:TERM@margin reaches the batch shell only) and report a batch limit as success.
 SLURM_BATCH_SCRIPT = """\
@@ -4885,7 +4888,7 @@ def sbatch_options(settings, header_lines):
     return options + list(settings.sbatch_options)
 
 
-def slurm_runner_command(args, environ, pool):
+def slurm_runner_command(args, environ, settings, pool):
     """The runner each batch job runs: this program, started as this process was, with the
     runner settings given to the scaler on its command line (the environment, the key in it,
     passes through sbatch), and a state directory from the pool."""
@@ -4900,8 +4903,11 @@ def slurm_runner_command(args, environ, pool):
         if value is not None:
             setting = SETTINGS_BY_NAME[name]
             command += [setting.flag] if setting.parse is _parse_boolean else [setting.flag, str(value)]
-    if getattr(args, "idle_timeout", None) is None and SETTINGS_BY_NAME["idle_timeout"].env not in environ:
+    given = lambda name: getattr(args, name, None) is not None or SETTINGS_BY_NAME[name].env in environ  # noqa: E731
+    if not given("idle_timeout"):
         command += ["--idle-timeout", "%g" % SLURM_RUNNER_IDLE_TIMEOUT_S]
+    if not given("poll_interval_max"):  # the scaler counts an idle runner as room: it must look as often
+        command += ["--poll-interval-max", "%g" % settings.poll_interval]
     return " ".join(shlex.quote(word) for word in command)
 
 
@@ -4957,7 +4963,7 @@ def command_slurm(args, environ):
     if settings.notify_relay_url and relay_key:
         relay = RelayClient(check_worker_url(settings.notify_relay_url, settings.allow_insecure_http, "NotifyRelay",
                                              "subscribe key"), relay_key, None, None)
-    scaler = SlurmScaler(settings, client, slurm, pool, slurm_runner_command(args, environ, pool),
+    scaler = SlurmScaler(settings, client, slurm, pool, slurm_runner_command(args, environ, settings, pool),
                          sbatch_options(settings, header_lines), NewJobNotices(relay, Waker()))
     try:
         return scaler.run(job_types)

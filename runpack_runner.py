@@ -59,6 +59,10 @@ DEFAULT_WORKER_URL = "https://runpack-worker.neurosift.app"
 API_KEY_ENV = "RUNPACK_RUNNER_API_KEY"
 RELAY_KEY_ENV = "NOTIFY_RELAY_SUBSCRIBE_KEY"  # read from the environment only, like the runner key
 SECRET_VARIABLES = (API_KEY_ENV, RELAY_KEY_ENV)
+MISSING_KEY_MESSAGE = """Error: RUNPACK_RUNNER_API_KEY environment variable is not set
+Set it to the runner key of your Runpack worker, then start the runner again:
+    export RUNPACK_RUNNER_API_KEY=<your runner key>
+    python3 runpack_runner.py runner"""
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # `run`: the job failed; `runner`: an unexpected error
@@ -4945,40 +4949,44 @@ def command_slurm(args, environ):
         print("Error: another scaler is using %s" % state.path, file=sys.stderr)
         return EXIT_STATE_DIR_BUSY
     os.makedirs(os.path.join(state.path, "logs"), exist_ok=True)
-    configure_logging(sys.stdout, os.path.join(state.path, "runpack_slurm.log"), secrets=(api_key,),
+    relay_key = environ.get(RELAY_KEY_ENV, "").strip()
+    configure_logging(sys.stdout, os.path.join(state.path, "runpack_slurm.log"), secrets=(api_key, relay_key),
                       level=logging.DEBUG if settings.verbose else logging.INFO)
     client = WorkerClient(worker_url, api_key, settings.request_timeout)
+    relay = None
+    if settings.notify_relay_url and relay_key:
+        relay = RelayClient(check_worker_url(settings.notify_relay_url, settings.allow_insecure_http, "NotifyRelay",
+                                             "subscribe key"), relay_key, None, None)
+    try:
+        client.runner_id = _scaler_identity(state, client, settings, job_types)
+        pool = StatePool(os.path.join(state.path, "runners"))
+        scaler = SlurmScaler(settings, client, SlurmClient("runpack-" + client.runner_id[:8], dict(environ)), pool,
+                             slurm_runner_command(args, environ, settings, pool),
+                             sbatch_options(settings, header_lines), NewJobNotices(relay, Waker()))
+        return scaler.run(job_types)
+    except WorkerKeyRejected as error:
+        LOG.error("%s; stopping. Check RUNPACK_RUNNER_API_KEY", error)
+        return EXIT_KEY_REJECTED
+    except WorkerRejected as error:
+        LOG.error("The worker refused to register the scaler (%s); is %s the base URL of a Runpack worker?",
+                  error, worker_url)
+        return EXIT_USAGE
+
+
+def _scaler_identity(state, client, settings, job_types):
+    """The scaler's runner id (it polls the worker as a runner would, and never claims): kept in
+    its directory, so that its runners' job name in Slurm, made of it, stays across restarts."""
     identity = state.load_identity()
     if identity is None:
         runner_id = Retrying(settings.retry_max, time.sleep, lambda delay: False).call(
             lambda: client.register("slurm-scaler-" + new_runner_name()[len("runner-"):], job_types),
             "Cannot register the scaler with the worker yet")
         state.save_identity(runner_id, "slurm-scaler")
-        identity = state.load_identity()
-    client.runner_id = identity["runner_id"]
-    pool = StatePool(os.path.join(state.path, "runners"))
-    slurm = SlurmClient("runpack-" + client.runner_id[:8], dict(environ))
-    relay_key = environ.get(RELAY_KEY_ENV, "").strip()
-    relay = None
-    if settings.notify_relay_url and relay_key:
-        relay = RelayClient(check_worker_url(settings.notify_relay_url, settings.allow_insecure_http, "NotifyRelay",
-                                             "subscribe key"), relay_key, None, None)
-    scaler = SlurmScaler(settings, client, slurm, pool, slurm_runner_command(args, environ, settings, pool),
-                         sbatch_options(settings, header_lines), NewJobNotices(relay, Waker()))
-    try:
-        return scaler.run(job_types)
-    except WorkerKeyRejected as error:
-        LOG.error("%s; stopping. Check RUNPACK_RUNNER_API_KEY", error)
-        return EXIT_KEY_REJECTED
+        return runner_id
+    return identity["runner_id"]
 
 
 # ---- Command line ---------------------------------------------------------------
-
-MISSING_KEY_MESSAGE = """Error: RUNPACK_RUNNER_API_KEY environment variable is not set
-Set it to the runner key of your Runpack worker, then start the runner again:
-    export RUNPACK_RUNNER_API_KEY=<your runner key>
-    python3 runpack_runner.py runner"""
-
 
 class EpilogAsWritten(argparse.HelpFormatter):
     """Wraps the description as usual, and keeps an epilog of exit codes as written."""

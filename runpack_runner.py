@@ -2103,26 +2103,30 @@ DENIED_NETWORKS = tuple(ipaddress.ip_network(network) for network in (
     "100.64.0.0/10",  # carrier-grade NAT
     "127.0.0.0/8",  # loopback
     "169.254.0.0/16",  # link-local, the cloud metadata service (169.254.169.254) among them
+    "168.63.129.16/32",  # Azure's host services (WireServer): a metadata service outside link-local
     "192.0.0.0/24", "192.0.2.0/24", "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24",  # protocols, tests
+    "192.88.99.0/24",  # the old 6to4 relays: whoever answers there is not a public site
     "224.0.0.0/4", "240.0.0.0/4",  # multicast; reserved, broadcast among them
     "::/96",  # unspecified (::), loopback (::1) and the old IPv4-compatible form
-    "64:ff9b:1::/48", "100::/64", "2001::/23", "2001:db8::/32",  # local NAT64, discard, protocols, tests
+    "64:ff9b:1::/48", "100::/64", "2001::/23", "2001:db8::/32", "3fff::/20",  # local NAT64, discard, protocols, tests
+    "5f00::/16",  # segment routing (SRv6): a network's own routers
     "fc00::/7", "fe80::/10", "fec0::/10",  # unique-local, link-local, site-local
     "ff00::/8",  # multicast
 ))
 NAT64_NETWORK = ipaddress.ip_network("64:ff9b::/96")  # reaches the IPv4 address in its last 32 bits
+SIIT_NETWORK = ipaddress.ip_network("::ffff:0:0:0/96")  # IPv4-translated (SIIT): the same
 DENIED_KINDS = ("loopback, private (RFC 1918), carrier-grade NAT, link-local and cloud metadata, "
                 "IPv6 unique-local and link-local, multicast, reserved, and this machine's own addresses")
 
 
 def reached_address(address):
     """The address a connection to ``address`` reaches: the IPv4 address inside an IPv4-mapped,
-    NAT64 or 6to4 IPv6 address, else the address itself."""
+    NAT64, IPv4-translated or 6to4 IPv6 address, else the address itself."""
     if address.version == 4:
         return address
     if address.ipv4_mapped or address.sixtofour:
         return address.ipv4_mapped or address.sixtofour
-    if address in NAT64_NETWORK:
+    if address in NAT64_NETWORK or address in SIIT_NETWORK:
         return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
     return address
 
@@ -2234,7 +2238,7 @@ class NetworkGuard:
             answers = resolve(host, *args, **kwargs)
             if host is not None:  # None: this machine's own addresses, for a server
                 for answer in answers:
-                    self.names[answer[4][0]] = host.decode("idna") if isinstance(host, bytes) else host
+                    self.names[answer[4][0]] = _host_text(host)
             return answers
         socket.getaddrinfo = getaddrinfo
 
@@ -2242,26 +2246,24 @@ class NetworkGuard:
         """``method`` with its address argument (at ``position``; -1: the last) checked."""
         def guarded(sock, *args):
             index = position if position >= 0 else len(args) + position
-            if sock.family in INET_FAMILIES and 0 <= index < len(args):
+            if sock.family in INET_FAMILIES and 0 <= index < len(args) and _is_inet_address(args[index]):
                 args = args[:index] + (self.checked(sock.family, sock.type, args[index]),) + args[index + 1:]
-            return method(sock, *args)
+            return method(sock, *args)  # anything else, None included, is no address: the socket says so
         guarded.__name__, guarded.__doc__ = method.__name__, method.__doc__
         return guarded
 
     def checked(self, family, kind, address):
-        """The address to use in place of ``address``: the same, in the standard spelling of
-        the IP address it reaches, or JobNetworkDenied."""
-        host, port = address[0], address[1]
-        if isinstance(host, bytes):
-            host = host.decode("idna")
+        """The address to use in place of ``address``: the IP address it reaches, in a spelling
+        that the socket reads as it was checked (never a name to resolve again), or
+        JobNetworkDenied."""
+        host, port = _host_text(address[0]), address[1]
         text = SPECIAL_HOSTS.get(host, host)
-        try:
-            ip = ipaddress.ip_address(text.split("%")[0])
-            if "%" not in text:
-                address = (str(ip),) + tuple(address[1:])
+        ip = _plain_ip(text)
+        if ip is not None:
+            address = (str(ip),) + tuple(address[1:])
             host = self.names.get(str(ip), host)  # the name it was looked up by, if it was
-        except ValueError:  # a name, or an address spelled as only the C library reads it (127.1)
-            answers = self.resolve(host, port, family, kind)
+        else:  # a name, an address spelled as only the C library reads it (127.1), or fe80::1%eth0
+            answers = self.resolve(host, port, family, kind, 0, socket.AI_NUMERICHOST if "%" in text else 0)
             if not answers:
                 raise socket.gaierror(socket.EAI_NONAME, "no address for %s" % host)
             address = answers[0][4]
@@ -2275,6 +2277,31 @@ class NetworkGuard:
         if self.denial is None:
             self.denial = denial
         raise denial
+
+
+def _is_inet_address(address):
+    """Whether ``address`` is the (host, port…) of an IP socket; else the socket refuses it."""
+    return isinstance(address, tuple) and len(address) >= 2 and isinstance(address[0], (str, bytes, bytearray))
+
+
+def _plain_ip(text):
+    """The IP address ``text`` spells in a standard form, without a scope (%eth0); else None."""
+    if "%" in text:
+        return None
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _host_text(host):
+    """A host as text: bytes are read as the socket module reads them (IDNA), or byte for byte."""
+    if isinstance(host, str):
+        return host
+    try:
+        return bytes(host).decode("idna")
+    except UnicodeError:
+        return bytes(host).decode("latin-1")
 
 
 # The memory limit counts what the kernel counts as a process's data (RLIMIT_DATA): what it
@@ -2368,6 +2395,8 @@ class JobLimits:
         memory_limit, available = default_job_memory_limit(slots), available_memory()
         source = ("the default: %d%% of %s over %d slot%s" % (MEMORY_SHARE * 100, describe_size(available), slots,
                                                               "s" * (slots != 1)) if available else "")
+        if available and memory_limit == DEFAULT_MEMORY_FLOOR:
+            source += ", raised to the %s that the built-in job types need" % describe_size(DEFAULT_MEMORY_FLOOR)
         return cls(settings.allow_job_network, memory_limit, source, slots)
 
     def environment(self, environ):
@@ -2513,7 +2542,8 @@ def run_handler(handler, input_params, progress, limits=None):
     """Call a handler and turn whatever happens into a report; None once the runner gave it up.
     ``limits``, the JobLimits applied to this process, explain the failures they cause."""
     try:
-        result = handler.execute(input_params, progress)
+        # in the try, so that a MemoryError while encoding the result is explained as well
+        return complete_report(handler.execute(input_params, progress), progress.console)
     except JobCancelled as cancelled:
         if progress.cancelled:
             return None
@@ -2529,7 +2559,6 @@ def run_handler(handler, input_params, progress, limits=None):
         text = str(error) if isinstance(error, Exception) else ("%s %s" % (type(error).__name__, error)).strip()
         return error_report("Job execution failed: %s" % (text or type(error).__name__),
                             console + ("\n" if console else "") + details, details)
-    return complete_report(result, progress.console)
 
 
 # ---- Job processes: the launcher that forks them warm -----------------------------

@@ -73,3 +73,29 @@ def many_threads(input_params, heartbeat_callback):
     finally:
         release.set()
     return {"threads": len(threads)}
+
+
+@runpack_runner.job_type("socket_calls_that_are_no_connection")
+def socket_calls_that_are_no_connection(input_params, heartbeat_callback):
+    """On a UDP socket connected to itself at ``host``: sendmsg with an address of None (the
+    connected one), then calls with malformed addresses; what each returned or raised."""
+    outcomes = {}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((input_params["host"], 0))
+        sock.connect(sock.getsockname())
+        calls = {"sendmsg_to_none": lambda: sock.sendmsg([b"x"], [], 0, None),
+                 "sendto_without_address": lambda: sock.sendto(b"x"),
+                 "connect_to_a_host_alone": lambda: sock.connect((input_params["host"],)),
+                 "connect_to_a_string": lambda: sock.connect(input_params["host"])}
+        for name, call in calls.items():
+            try:
+                outcomes[name] = call()
+            except Exception as error:
+                outcomes[name] = type(error).__name__
+    return outcomes
+
+
+@runpack_runner.job_type("large_result")
+def large_result(input_params, heartbeat_callback):
+    """Returns ``megabytes`` MiB of text: encoding it for the report needs as much again."""
+    return {"text": "a" * (input_params["megabytes"] << 20)}

@@ -75,16 +75,19 @@ def guard(resolver, allowed=""):
 @pytest.mark.parametrize("address", [
     "10.0.0.1", "10.255.255.254", "172.16.0.1", "172.31.255.255", "192.168.1.1",  # private (RFC 1918)
     "169.254.1.1", "169.254.169.254",  # link-local, the cloud metadata service
+    "168.63.129.16",  # Azure's host services
     "100.64.0.1", "100.127.255.254",  # carrier-grade NAT
     "127.0.0.1", "127.255.255.254", "0.0.0.0", "0.1.2.3", "255.255.255.255", "240.0.0.1",
     "224.0.0.1", "239.255.255.250",  # multicast
     "192.0.2.1", "198.51.100.7", "203.0.113.9", "198.18.0.1",  # documentation, benchmarking
+    "192.88.99.1",  # the old 6to4 relays
     "::1", "::", "fd00::1", "fc00::1", "fe80::1", "fec0::1", "ff02::1",
     "::ffff:10.0.0.1", "::ffff:127.0.0.1", "::ffff:169.254.169.254",  # IPv4-mapped
     "::127.0.0.1",  # IPv4-compatible
     "64:ff9b::7f00:1", "64:ff9b::a9fe:a9fe", "64:ff9b:1::1",  # NAT64 of 127.0.0.1, of the metadata service; local NAT64
     "2002:7f00:1::1", "2002:a00:1::1",  # 6to4 of 127.0.0.1, of 10.0.0.1
-    "2001:db8::1",  # documentation
+    "::ffff:0:7f00:1", "::ffff:0:a00:1",  # IPv4-translated (SIIT) 127.0.0.1, 10.0.0.1
+    "2001:db8::1", "3fff::1", "5f00::1",  # documentation; segment routing
 ])
 def test_the_machine_its_networks_and_addresses_that_reach_no_one_in_particular_are_denied(address):
     assert not permitted(address)
@@ -182,6 +185,25 @@ def test_an_address_in_standard_form_is_checked_without_a_lookup_and_used_in_its
 def test_hosts_that_pythons_socket_module_reads_specially_are_checked_as_it_reads_them(host, address):
     with pytest.raises(JobNetworkDenied, match="resolves to %s, " % address.replace(".", r"\.")):
         guard(StandInResolver()).checked(socket.AF_INET, socket.SOCK_DGRAM, (host, 9))
+
+
+def test_a_scoped_address_is_read_as_a_number_only_and_connected_to_as_it_was_read():
+    asked = []
+
+    def numeric_resolver(host, port, family=0, kind=0, proto=0, flags=0):
+        asked.append((host, flags & socket.AI_NUMERICHOST))
+        if not host.startswith("fe80::"):
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET6, kind, 0, "", ("fe80::1%eth0", port, 0, 2))]
+    job_guard = guard(numeric_resolver)
+    with pytest.raises(socket.gaierror):  # not a name that a DNS server could answer with any address
+        job_guard.checked(socket.AF_INET, socket.SOCK_STREAM, ("93.184.216.34%rebind.example", 80))
+    with pytest.raises(JobNetworkDenied, match="^fe80::1%eth0 resolves to fe80::1, "):
+        job_guard.checked(socket.AF_INET6, socket.SOCK_STREAM, ("fe80::1%eth0", 80, 0, 0))
+    assert guard(numeric_resolver, allowed="fe80::/10").checked(
+        socket.AF_INET6, socket.SOCK_STREAM, ("fe80::1%eth0", 80, 0, 0)) == ("fe80::1%eth0", 80, 0, 2)
+    assert asked == [("93.184.216.34%rebind.example", socket.AI_NUMERICHOST),
+                     ("fe80::1%eth0", socket.AI_NUMERICHOST), ("fe80::1%eth0", socket.AI_NUMERICHOST)]
 
 
 def test_an_allowed_network_lets_a_name_that_resolves_into_it_through():
@@ -526,6 +548,15 @@ def test_the_machines_address_is_denied_to_raw_sockets_and_udp_as_to_urls(worker
 
 
 @pytest.mark.slow
+def test_socket_calls_with_no_address_to_check_behave_in_a_guarded_job_as_without_the_guard():
+    result = run_here("socket_calls_that_are_no_connection", {"host": "127.0.0.2"}, *ALLOW_SECOND_LOOPBACK)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {
+        "sendmsg_to_none": 1, "sendto_without_address": "TypeError", "connect_to_a_host_alone": "TypeError",
+        "connect_to_a_string": "TypeError"}
+
+
+@pytest.mark.slow
 def test_a_runner_allowing_any_network_lets_jobs_reach_the_machine_and_warns_in_its_log(
         worker, start_runner, inside, udp_inside):
     (fetched, sent), output = run_through_runner(
@@ -678,6 +709,12 @@ def test_a_runners_job_over_the_memory_limit_fails_saying_so_and_the_next_job_co
 def test_run_fails_a_job_over_the_memory_limit_saying_so(setting):
     flags, env = (setting, None) if setting[0].startswith("--") else ((), dict([setting]))
     result = run_here("balloon", {"megabytes": 400}, *flags, env=env)
+    assert (result.returncode, error_of(result)) == (1, OVER_THE_LIMIT)
+
+
+@pytest.mark.slow
+def test_a_result_too_large_to_encode_under_the_memory_limit_fails_saying_so():
+    result = run_here("large_result", {"megabytes": 120}, "--job-memory-limit", "200M")
     assert (result.returncode, error_of(result)) == (1, OVER_THE_LIMIT)
 
 

@@ -245,10 +245,11 @@ SETTINGS = (
 SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
 SLURM_ONLY_SETTINGS = ("max_runners", "stop_margin", "sbatch_header")
 RUNNER_SETTINGS = tuple(setting.name for setting in SETTINGS if setting.name not in SLURM_ONLY_SETTINGS)
+# Each runner's own: the scaler does not pass them on, nor their variables through sbatch.
+SLURM_RUNNER_OWN_SETTINGS = ("state_dir", "state_pool", "once", "listen", "notify_relay_subscribe_id")
 # What the scaler passes on to its runners when given on its command line (the environment
-# passes through sbatch as it is).
-SLURM_RUNNER_SETTINGS = tuple(name for name in RUNNER_SETTINGS if name not in (
-    "state_dir", "state_pool", "once", "listen", "notify_relay_subscribe_id"))
+# passes through sbatch, less the variables of the settings above).
+SLURM_RUNNER_SETTINGS = tuple(name for name in RUNNER_SETTINGS if name not in SLURM_RUNNER_OWN_SETTINGS)
 SLURM_SETTINGS = SLURM_ONLY_SETTINGS + tuple(name for name in RUNNER_SETTINGS if name not in (
     "state_pool", "once", "listen", "notify_relay_subscribe_id"))
 SBATCH_OPTIONS_ENV = "RUNPACK_SBATCH_OPTIONS"
@@ -1154,10 +1155,18 @@ class StateDirectory:
     def lock(self):
         """Hold the directory's lock until the process ends (the OS frees it even on kill -9)."""
         lock_path = os.path.join(self.path, self.LOCK_FILE)
-        stream = open(lock_path, "a+")
         try:
-            _lock_exclusively(stream)
-        except OSError:
+            stream = open(lock_path, "a+")
+        except OSError as error:
+            raise ConfigurationError("cannot use the state directory %s: %s" % (self.path, error.strerror or error))
+        try:
+            _lock(stream)
+        except OSError as error:
+            if not _held_by_another(error):
+                stream.close()
+                raise ConfigurationError(
+                    "cannot lock the state directory %s (%s): it must be on a file system with working "
+                    "locks (flock)" % (self.path, error.strerror or error))
             stream.seek(0)
             holder = stream.read().strip() or "unknown"
             stream.close()
@@ -1171,13 +1180,15 @@ class StateDirectory:
         self._lock_file = stream
 
     def in_use(self):
-        """Whether a live runner holds the lock; asks without writing anything."""
+        """Whether a live runner holds the lock; asks without writing anything, with a shared
+        lock (on NFS an exclusive one needs the file open for writing). A lock that cannot be
+        asked counts as held: the directory is then left alone."""
         try:
             stream = open(os.path.join(self.path, self.LOCK_FILE))
         except OSError:
             return False
         try:
-            _lock_exclusively(stream)
+            _lock(stream, shared=True)
         except OSError:
             return True
         finally:
@@ -1275,25 +1286,36 @@ class StatePool:
 
     def directories(self):
         try:
-            names = sorted((name for name in os.listdir(self.path) if name.isdigit()), key=int)
+            names = sorted((name for name in os.listdir(self.path)
+                            if name.isdigit() and os.path.isdir(os.path.join(self.path, name))), key=int)
         except OSError:
             return []
         return [StateDirectory(os.path.join(self.path, name)) for name in names]
 
-    def orphans(self):
-        """The directories holding job records that no live runner holds: each needs a runner."""
-        return [state for state in self.directories() if state.has_job_records() and not state.in_use()]
+    def survey(self):
+        """What the pool says of the runners' slots (a PoolSurvey)."""
+        held, orphans = [], []
+        for state in self.directories():
+            records = sum(state.waiting_records())
+            if state.in_use():
+                held.append(records)
+            elif records:
+                orphans.append(records)
+        return PoolSurvey(held, orphans)
 
     def take(self):
         """A directory of the pool, prepared and locked for this process."""
         taken = self.directories()
         for state in sorted(taken, key=lambda state: not state.has_job_records()):  # records first
-            try:
-                state.lock()
-                state.prepare()
-                return state
-            except StateDirectoryBusy:
-                continue
+            for attempt in range(2):
+                try:
+                    state.lock()
+                    state.prepare()
+                    return state
+                except StateDirectoryBusy:
+                    if attempt or not state.has_job_records():
+                        break
+                    time.sleep(POOL_PROBE_S)  # the scaler may be asking its lock: look again
         number = max([int(os.path.basename(state.path)) for state in taken] or [0])
         while True:  # all taken: a new one, racing other runners for its number
             number += 1
@@ -1306,13 +1328,27 @@ class StatePool:
                 continue
 
 
-def _lock_exclusively(stream):
+class PoolSurvey(collections.namedtuple("PoolSurvey", "held orphans")):
+    """The state pool at a glance: for each directory that a live runner holds, the jobs it
+    holds (its busy slots); for each orphaned one (job records, no runner), the jobs to settle."""
+
+
+POOL_PROBE_S = 0.05  # longer than the scaler holds a directory's lock to ask whether it is held
+
+
+def _lock(stream, shared=False):
     if fcntl is None:
         import msvcrt
 
         msvcrt.locking(stream.fileno(), msvcrt.LK_NBLCK, 1)
         return
-    fcntl.flock(stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    fcntl.flock(stream.fileno(), (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+
+
+def _held_by_another(error):
+    """Whether a lock that failed with ``error`` is held by another process (else locks do not
+    work there: a file system without them, say)."""
+    return error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES, getattr(errno, "EDEADLOCK", errno.EDEADLK))
 
 
 def new_custody_record(listed_job, runner_id):
@@ -4731,7 +4767,10 @@ SLURM_RUNNER_IDLE_TIMEOUT_S = 300.0  # the runners' --idle-timeout unless given:
 SLURM_COMMAND_TIMEOUT_S = 60.0  # a slurmctld that does not answer an sbatch or squeue in this long is down
 SLURM_RETRY_MAX_S = 300.0  # the longest wait after sbatch or squeue failed
 # A runner's batch job that may still take a job (COMPLETING: its script has ended).
-SLURM_ACTIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED")
+SLURM_ACTIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED", "STOPPED")
+# A runner's batch job that ended so that the next would likely end so too: the scaler waits.
+SLURM_RUNNER_FAILED_STATES = {"FAILED": "failed", "OUT_OF_MEMORY": "ran out of its memory",
+                              "BOOT_FAIL": "could not start (BOOT_FAIL)"}
 # The batch script: the runner as a child, so that the shell can pass Slurm's warning signal on
 # (--signal=B:TERM@margin reaches the batch shell only) and report a batch limit as success.
 SLURM_BATCH_SCRIPT = """\
@@ -4751,10 +4790,32 @@ exit $code
 """
 
 
-def shlex_split(text):
+# sbatch options that would undo how the scaler finds its runners (by job name, with squeue on
+# this cluster) or what it submits (one runner per batch job, the script on stdin).
+SBATCH_OPTIONS_REFUSED = (("--job-name", "-J"), ("--array", "-a"), ("--clusters", "-M"), ("--wrap", None))
+SLURM_MAX_SIGNAL_MARGIN_S = 65535  # sbatch --signal=…@seconds takes no more
+
+
+def shlex_split(text, what):
+    """``text`` split as a shell would (``#`` starts a comment), or ConfigurationError naming ``what``."""
     import shlex
 
-    return shlex.split(text)
+    try:
+        return shlex.split(text, comments=True)
+    except ValueError as error:
+        raise ConfigurationError("cannot read %s: %s" % (what, error))
+
+
+def check_sbatch_options(options):
+    """ConfigurationError for an option of SBATCH_OPTIONS_REFUSED, in any spelling sbatch takes."""
+    for word in options:
+        name = word.split("=", 1)[0]
+        for flag, short in SBATCH_OPTIONS_REFUSED:
+            if name.startswith("--") and len(name) > 2 and flag.startswith(name) or short and word.startswith(short):
+                raise ConfigurationError(
+                    "the scaler cannot take the sbatch option %s: it submits one runner per batch job and finds "
+                    "them by their job name with squeue; leave out %s" % (
+                        word, ", ".join(flag for flag, _ in SBATCH_OPTIONS_REFUSED)))
 
 
 class SlurmUnavailable(TransientError):
@@ -4770,13 +4831,14 @@ class SlurmClient:
 
     def submit(self, script, options):
         """The id of the batch job of ``script`` (given on stdin: nothing of it is written)."""
-        answer = self._run(["sbatch", "--parsable", "--job-name=" + self.job_name] + list(options), script)
+        answer = self._run(["sbatch", "--parsable"] + list(options) + ["--job-name=" + self.job_name], script)
         return answer.strip().split(";")[0]
 
     def runners(self):
         """{job id: state} of the scaler's batch jobs that Slurm still lists, the ones that
         ended lately included (Slurm keeps them for its MinJobAge)."""
-        answer = self._run(["squeue", "--noheader", "--states=all", "--name=" + self.job_name, "--format=%i %T"])
+        answer = self._run(["squeue", "--noheader", "--all", "--states=all", "--user=%d" % os.getuid(),
+                            "--name=" + self.job_name, "--format=%i %T"])
         return dict(line.split()[:2] for line in answer.splitlines() if len(line.split()) >= 2)
 
     def _run(self, command, stdin=None):
@@ -4797,25 +4859,34 @@ class SlurmClient:
         return finished.stdout
 
 
-class ScalingDecision(collections.namedtuple("ScalingDecision", "waiting orphans running pending submit")):
+class ScalingDecision(collections.namedtuple("ScalingDecision", "waiting orphans running pending free submit")):
     """What the scaler sees and does in one round; says itself in one line."""
 
     def __str__(self):
-        return "%d job%s waiting%s, %d runner%s running, %d pending: %s" % (
+        return "%d job%s waiting%s, %d runner%s running, %d pending, %d slot%s free: %s" % (
             self.waiting, "s" * (self.waiting != 1),
             ", %d state director%s with a job to run again" % (self.orphans, "ies" if self.orphans != 1 else "y")
             if self.orphans else "", self.running, "s" * (self.running != 1), self.pending,
-            "submitting %d" % self.submit if self.submit else "submitting none")
+            self.free, "s" * (self.free != 1), "submitting %d" % self.submit if self.submit else "submitting none")
 
 
-def scaling_decision(waiting, orphans, runners, concurrency, max_runners):
-    """How many runners to submit: enough for the waiting jobs (``concurrency`` each) and one
-    for each orphaned state directory, less those in Slurm already (``runners``: {job id:
-    state}, the active ones), within ``max_runners``."""
+def scaling_decision(waiting, pool, runners, concurrency, max_runners):
+    """How many runners to submit, within ``max_runners`` with ``runners`` (the active ones
+    in Slurm, {job id: state}): one for each orphaned directory of the ``pool`` (a PoolSurvey)
+    that no runner without a directory yet (pending, or starting) will take, and enough for
+    the waiting jobs that no free slot will take. A runner has ``concurrency`` slots, less the
+    jobs of the directory it holds, or will take. Directories held past the number of runners
+    (by a runner whose batch job is ending, say) are counted as the idlest, and no room."""
     running = sum(state != "PENDING" for state in runners.values())
-    pending = len(runners) - running
-    needed = min(max_runners, -(-waiting // concurrency) + orphans)
-    return ScalingDecision(waiting, orphans, running, pending, max(0, needed - len(runners)))
+    held = sorted(pool.held, reverse=True)[:len(runners)]
+    unplaced = len(runners) - len(held)
+    orphans = sorted(pool.orphans)
+    taken, left = orphans[:unplaced], orphans[unplaced:]
+    slots_left = lambda jobs: max(0, concurrency - jobs)  # noqa: E731
+    free = sum(map(slots_left, held + taken)) + (unplaced - len(taken)) * concurrency
+    short = max(0, waiting - free - sum(map(slots_left, left)))
+    submit = min(len(left) + -(-short // concurrency), max_runners - len(runners))
+    return ScalingDecision(waiting, len(orphans), running, len(runners) - running, free, max(0, submit))
 
 
 class SlurmScaler:
@@ -4831,6 +4902,7 @@ class SlurmScaler:
         self.shutdown = ShutdownRequests(self.waker)
         self.retrying = Retrying(SLURM_RETRY_MAX_S, self._sleep, lambda delay: self.shutdown.graceful)
         self._said = None  # the last decision logged, so that an unchanged one is not logged again
+        self._sbatch_failing = False  # the last sbatch failed: Retrying has said so, the decision was said
         self._submitted = set()  # the batch jobs this scaler submitted whose end it has not judged yet
         self._failed_in_a_row = 0  # runners that failed since one ended well
         self._hold_until = 0.0  # after a runner failed, no submission before this time.monotonic()
@@ -4851,22 +4923,30 @@ class SlurmScaler:
 
     def _round(self, job_types):
         self.notices.polled()
-        waiting = len(self.client.available(job_types))
+        try:
+            waiting = len(self.client.available(job_types))
+        except WorkerKeyRejected:
+            raise
+        except WorkerRejected as error:  # as for a runner's poll: worth a later try, not a stop
+            raise TransientWorkerError(str(error), error.status)
         runners = self.slurm.runners()
         self._judge_ended(runners)
         active = {job_id: state for job_id, state in runners.items() if state in SLURM_ACTIVE_STATES}
-        decision = scaling_decision(waiting, len(self.pool.orphans()), active, self.settings.concurrency,
+        decision = scaling_decision(waiting, self.pool.survey(), active, self.settings.concurrency,
                                     self.settings.max_runners)
         held = max(0.0, self._hold_until - time.monotonic()) if decision.submit else 0.0
         said = str(decision) + (" (held %s after a runner failed)" % describe_seconds(held) if held else "")
         quiet = not (decision.waiting or decision.orphans)
-        if decision.submit and not held or quiet and said != self._said:  # what it does; the queue emptied
+        acts = decision.submit and not held and not (self._sbatch_failing and said == self._said)
+        if acts or quiet and said != self._said:  # what it does (once while sbatch fails); the queue emptied
             LOG.info("%s", said)
         else:
             LOG.debug("%s", said)
         self._said = said
         for _ in range(0 if held else decision.submit):
+            self._sbatch_failing = True
             job_id = self.slurm.submit(SLURM_BATCH_SCRIPT.format(command=self.runner_command), self.sbatch_options)
+            self._sbatch_failing = False
             self._submitted.add(job_id)
             LOG.info("Submitted runner %s", job_id)
 
@@ -4881,11 +4961,12 @@ class SlurmScaler:
             self._submitted.discard(job_id)
             if state == "COMPLETED":
                 self._failed_in_a_row = 0
-            elif state == "FAILED":
+            elif state in SLURM_RUNNER_FAILED_STATES:
                 delay = min(SLURM_RETRY_MAX_S, self.settings.poll_interval * 2 ** min(self._failed_in_a_row, 20))
                 LOG.log(logging.DEBUG if self._failed_in_a_row else logging.WARNING,
-                        "Runner %s failed in Slurm; %s says: %s; the next runner waits %s, longer while they fail",
-                        job_id, self._output_of(job_id), _last_error(self._output_of(job_id)), describe_seconds(delay))
+                        "Runner %s %s in Slurm; %s says: %s; the next runner waits %s, longer while they fail",
+                        job_id, SLURM_RUNNER_FAILED_STATES[state], self._output_of(job_id),
+                        _last_error(self._output_of(job_id)), describe_seconds(delay))
                 self._failed_in_a_row += 1
                 self._hold_until = time.monotonic() + delay
 
@@ -4912,13 +4993,16 @@ def _last_error(path):
 def sbatch_options(settings, header_lines):
     """What sbatch gets: the output files, the warning signal before the time limit, a CPU per
     slot, then the operator's #SBATCH header and --sbatch-option options (later ones win)."""
-    options = ["--output=%s" % os.path.join(os.path.abspath(settings.state_dir), "logs", "runner-%j.out"),
-               "--signal=B:TERM@%d" % settings.stop_margin, "--cpus-per-task=%d" % settings.concurrency]
-    for line in header_lines:
-        words = line.split()
-        if words[:1] == ["#SBATCH"]:
-            options += words[1:]
-    return options + list(settings.sbatch_options)
+    logs = os.path.join(os.path.abspath(settings.state_dir), "logs").replace("%", "%%")  # % is Slurm's
+    options = ["--output=%s" % os.path.join(logs, "runner-%j.out"),
+               "--signal=B:TERM@%d" % -(-settings.stop_margin // 1), "--cpus-per-task=%d" % settings.concurrency]
+    for number, line in enumerate(header_lines, 1):
+        if line.startswith("#SBATCH"):
+            options += shlex_split(line[len("#SBATCH"):], "line %d of --sbatch-header %s" % (
+                number, settings.sbatch_header))
+    options += settings.sbatch_options
+    check_sbatch_options(options)
+    return options
 
 
 def slurm_runner_command(args, environ, settings, pool):
@@ -4944,6 +5028,13 @@ def slurm_runner_command(args, environ, settings, pool):
     return " ".join(shlex.quote(word) for word in command)
 
 
+def slurm_runner_environment(environ):
+    """The environment sbatch passes on to every runner: the scaler's, less the variables of the
+    settings that are each runner's own (one --listen port, one relay subscriber id each)."""
+    own = {SETTINGS_BY_NAME[name].env for name in SLURM_RUNNER_OWN_SETTINGS}
+    return {name: value for name, value in environ.items() if name not in own}
+
+
 def command_slurm(args, environ):
     api_key = environ.get(API_KEY_ENV, "").strip()
     if not api_key:
@@ -4951,18 +5042,23 @@ def command_slurm(args, environ):
         return EXIT_USAGE
     check_api_key(api_key)
     settings = resolve_settings(args, SLURM_SETTINGS, environ)
-    settings.sbatch_options = (args.sbatch_option or []) + shlex_split(environ.get(SBATCH_OPTIONS_ENV, ""))
+    settings.sbatch_options = (args.sbatch_option or []) + shlex_split(environ.get(SBATCH_OPTIONS_ENV, ""),
+                                                                       SBATCH_OPTIONS_ENV)
     worker_url = check_worker_url(settings.worker_url, settings.allow_insecure_http)
     if not settings.max_runners:
         raise ConfigurationError("give the most runners to keep in Slurm: --max-runners N")
+    if settings.stop_margin > SLURM_MAX_SIGNAL_MARGIN_S:
+        raise ConfigurationError("--stop-margin can be at most %d s, as sbatch --signal takes"
+                                 % SLURM_MAX_SIGNAL_MARGIN_S)
     header_lines = []
     if settings.sbatch_header:
         try:
-            with open(settings.sbatch_header) as stream:
+            with open(settings.sbatch_header, encoding="utf-8") as stream:
                 header_lines = stream.read().splitlines()
-        except OSError as error:
+        except (OSError, UnicodeError) as error:
             raise ConfigurationError("cannot read --sbatch-header %s: %s" % (settings.sbatch_header,
-                                                                             error.strerror or error))
+                                                                             getattr(error, "strerror", None) or error))
+    options = sbatch_options(settings, header_lines)
     if shutil.which("sbatch", path=environ.get("PATH")) is None:
         raise ConfigurationError("sbatch is not on PATH: run the scaler where Slurm's commands are")
     load_handler_modules(settings.handlers)
@@ -4989,9 +5085,10 @@ def command_slurm(args, environ):
     try:
         client.runner_id = _scaler_identity(state, client, settings, job_types)
         pool = StatePool(os.path.join(state.path, "runners"))
-        scaler = SlurmScaler(settings, client, SlurmClient("runpack-" + client.runner_id[:8], dict(environ)), pool,
-                             slurm_runner_command(args, environ, settings, pool),
-                             sbatch_options(settings, header_lines), NewJobNotices(relay, Waker()))
+        slurm = SlurmClient("runpack-" + client.runner_id[:8], slurm_runner_environment(environ))
+        scaler = SlurmScaler(settings, client, slurm, pool,
+                             slurm_runner_command(args, environ, settings, pool), options,
+                             NewJobNotices(relay, Waker()))
         return scaler.run(job_types)
     except WorkerKeyRejected as error:
         LOG.error("%s; stopping. Check RUNPACK_RUNNER_API_KEY", error)

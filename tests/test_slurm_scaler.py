@@ -10,16 +10,18 @@ here asserts a duration: waits are for states, and rounds are counted in the sca
 """
 
 import contextlib
+import errno
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 
-from conftest import RUNNER_KEY, RUNNER_PY, TEST_JOB_TYPES, run_cli
+from conftest import RUNNER_KEY, RUNNER_PY, TEST_JOB_TYPES, TESTS, run_cli
 from fake_worker import FakeWorker
 from slurm_cluster import TAG_VARIABLE, SlurmCluster, cluster_processes, require_slurm, wait_until_gone
 
@@ -29,9 +31,10 @@ import runpack_runner
 FAST_SETTINGS = ("--poll-interval", "0.5", "--poll-interval-step", "0.1", "--poll-interval-max", "0.5",
                  "--heartbeat-interval", "0.5", "--request-timeout", "2", "--retry-max", "0.3")
 HANDLERS = ("--handlers", TEST_JOB_TYPES)
+HELD_JOB_TYPES = os.path.join(TESTS, "job_types_for_metrics.py")  # "held": runs until a file exists
 DECISION = re.compile(r"(\d+) jobs? waiting(?:, (\d+) state director(?:y|ies) with a job to run again)?, "
-                      r"(\d+) runners? running, (\d+) pending: submitting (none|\d+)")
-QUIET_ROUND = "0 jobs waiting, 0 runners running, 0 pending: submitting none"
+                      r"(\d+) runners? running, (\d+) pending, (\d+) slots? free: submitting (none|\d+)")
+QUIET_ROUND = "0 jobs waiting, 0 runners running, 0 pending, 0 slots free: submitting none"
 EXIT_USAGE, EXIT_STATE_DIR_BUSY = 2, 4
 SCALER_START_TIMEOUT_S = 30
 DRAIN_TIMEOUT_S = 90
@@ -200,39 +203,159 @@ def is_in_progress(worker, job_id):
 # ---- How many runners: scaling_decision ---------------------------------------------------
 
 
-def test_scaling_decision_submits_enough_runners_for_the_waiting_jobs():
-    decision = runpack_runner.scaling_decision(3, 0, {"1": "RUNNING"}, 1, 8)
+def decide(waiting, runners, held=(), orphans=(), concurrency=1, max_runners=8):
+    """scaling_decision for ``runners`` in Slurm ({id: state}), pool directories that live runners
+    ``held`` (the jobs each holds) and ``orphans`` (the jobs each holds to settle)."""
+    return runpack_runner.scaling_decision(waiting, runpack_runner.PoolSurvey(list(held), list(orphans)),
+                                           runners, concurrency, max_runners)
 
-    assert (decision.submit, decision.running, decision.pending) == (2, 1, 0)
-    assert str(decision) == "3 jobs waiting, 1 runner running, 0 pending: submitting 2"
+
+def test_scaling_decision_counts_idle_runners_as_room_and_submits_for_the_rest():
+    decision = decide(3, {"1": "RUNNING"}, held=[0])
+
+    assert (decision.submit, decision.running, decision.pending, decision.free) == (2, 1, 0, 1)
+    assert str(decision) == "3 jobs waiting, 1 runner running, 0 pending, 1 slot free: submitting 2"
+
+
+def test_scaling_decision_counts_no_room_in_a_runner_busy_with_its_jobs():
+    decision = decide(3, {"1": "RUNNING", "2": "RUNNING"}, held=[1, 1])
+
+    assert (decision.submit, decision.free) == (3, 0)
+    assert decide(3, {"1": "RUNNING"}, held=[2], concurrency=4).submit == 1, "2 of its 4 slots are free"
+
+
+def test_scaling_decision_counts_no_room_in_a_directory_held_by_no_runner_of_the_scaler():
+    assert decide(1, {}, held=[0]).submit == 1, "a runner whose batch job has ended holds it yet"
+    assert decide(2, {"1": "RUNNING"}, held=[0, 1]).submit == 2, "the runner in Slurm may be the busy one"
+
+
+def test_scaling_decision_counts_a_runner_without_a_directory_yet_as_all_its_slots():
+    assert decide(3, {"1": "PENDING"}).submit == 2
+    assert decide(3, {"1": "RUNNING", "2": "RUNNING"}, held=[1]).submit == 2, "one holds a job, one starts"
 
 
 def test_scaling_decision_never_goes_past_max_runners():
-    assert runpack_runner.scaling_decision(50, 0, {}, 1, 3).submit == 3
-    assert runpack_runner.scaling_decision(50, 2, {"1": "PENDING"}, 1, 3).submit == 2
-    assert runpack_runner.scaling_decision(50, 0, {"1": "RUNNING", "2": "PENDING", "3": "RUNNING"}, 1, 3).submit == 0
+    assert decide(50, {}, max_runners=3).submit == 3
+    assert decide(50, {"1": "PENDING"}, orphans=[1, 1], max_runners=3).submit == 2
+    assert decide(50, {"1": "RUNNING", "2": "PENDING", "3": "RUNNING"}, held=[1, 1], max_runners=3).submit == 0
 
 
-def test_scaling_decision_gives_each_orphaned_state_directory_a_runner():
-    decision = runpack_runner.scaling_decision(0, 2, {}, 1, 8)
+def test_scaling_decision_gives_each_orphaned_state_directory_a_runner_even_while_others_are_busy():
+    decision = decide(0, {}, orphans=[1, 1])
 
     assert decision.submit == 2
     assert str(decision) == ("0 jobs waiting, 2 state directories with a job to run again, 0 runners running, "
-                             "0 pending: submitting 2")
-    assert runpack_runner.scaling_decision(3, 1, {"1": "RUNNING"}, 1, 8).submit == 3
+                             "0 pending, 0 slots free: submitting 2")
+    assert decide(0, {"1": "RUNNING"}, held=[1], orphans=[1]).submit == 1
+    assert decide(0, {"1": "RUNNING"}, held=[0], orphans=[1]).submit == 1, "an idle runner keeps its own directory"
+
+
+def test_scaling_decision_lets_a_runner_without_a_directory_yet_take_an_orphaned_one():
+    assert decide(0, {"1": "PENDING"}, orphans=[1]).submit == 0
+    assert decide(3, {"1": "PENDING"}, orphans=[1]).submit == 3, "its one slot goes to the job to run again"
+    assert decide(3, {"1": "PENDING"}, orphans=[1], concurrency=4).submit == 0
 
 
 def test_scaling_decision_counts_the_concurrency_of_each_runner():
-    assert runpack_runner.scaling_decision(9, 0, {}, 4, 8).submit == 3
-    assert runpack_runner.scaling_decision(8, 0, {}, 4, 8).submit == 2
-    assert runpack_runner.scaling_decision(9, 0, {"1": "PENDING"}, 4, 8).submit == 2
+    assert decide(9, {}, concurrency=4).submit == 3
+    assert decide(8, {}, concurrency=4).submit == 2
+    assert decide(9, {"1": "PENDING"}, concurrency=4).submit == 2
 
 
 def test_scaling_decision_submits_nothing_when_nothing_waits():
-    decision = runpack_runner.scaling_decision(0, 0, {"7": "RUNNING", "8": "COMPLETING"}, 1, 8)
+    decision = decide(0, {"7": "RUNNING", "8": "RUNNING"}, held=[0, 1])
 
     assert (decision.submit, decision.running, decision.pending) == (0, 2, 0)
-    assert str(decision) == "0 jobs waiting, 2 runners running, 0 pending: submitting none"
+    assert str(decision) == "0 jobs waiting, 2 runners running, 0 pending, 1 slot free: submitting none"
+
+
+# ---- What sbatch gets, and the state pool (values only) --------------------------------------------
+
+
+def sbatch_settings(**changes):
+    settings = dict(state_dir="/shared/100% runpack", stop_margin=299.5, concurrency=2,
+                    sbatch_header="header.sh", sbatch_options=[])
+    settings.update(changes)
+    return types.SimpleNamespace(**settings)
+
+
+def test_sbatch_gets_the_header_lines_read_as_a_shell_would_then_the_options_given():
+    header = ["#!/bin/sh", "#SBATCH --time=4:00:00  # four hours", '#SBATCH --comment "Runpack runners"',
+              "# SBATCH --partition=ignored", "echo not an option"]
+    options = runpack_runner.sbatch_options(sbatch_settings(sbatch_options=["--partition=cpu"]), header)
+
+    assert options == ["--output=/shared/100%% runpack/logs/runner-%j.out", "--signal=B:TERM@300",
+                       "--cpus-per-task=2", "--time=4:00:00", "--comment", "Runpack runners", "--partition=cpu"]
+
+
+@pytest.mark.parametrize("option", ["--job-name=mine", "--job=mine", "-J", "-Jmine", "--array=1-4", "--arr=1-4",
+                                    "-a1-4", "--clusters=other", "-M", "--wrap=hostname"])
+def test_sbatch_options_that_would_hide_or_multiply_the_runners_are_refused_in_every_spelling(option):
+    with pytest.raises(runpack_runner.ConfigurationError, match="cannot take the sbatch option %s: " % re.escape(option)):
+        runpack_runner.sbatch_options(sbatch_settings(sbatch_options=[option]), [])
+
+
+def test_an_sbatch_header_line_that_a_shell_could_not_read_is_refused_naming_the_line():
+    with pytest.raises(runpack_runner.ConfigurationError, match="^cannot read line 2 of --sbatch-header header.sh: "):
+        runpack_runner.sbatch_options(sbatch_settings(), ["#!/bin/sh", '#SBATCH --comment "unclosed'])
+
+
+def test_runners_get_the_scalers_environment_less_the_variables_each_runner_has_its_own():
+    environ = {"RUNPACK_RUNNER_API_KEY": "k", "RUNPACK_HANDLERS": "jobs.py", "PATH": "/usr/bin",
+               "RUNPACK_LISTEN": "127.0.0.1:9100", "NOTIFY_RELAY_SUBSCRIBE_ID": "one-for-all",
+               "RUNPACK_STATE_DIR": "/scaler", "RUNPACK_STATE_POOL": "/pool", "RUNPACK_ONCE": "1"}
+
+    assert runpack_runner.slurm_runner_environment(environ) == {
+        "RUNPACK_RUNNER_API_KEY": "k", "RUNPACK_HANDLERS": "jobs.py", "PATH": "/usr/bin"}
+
+
+def test_the_pool_surveys_the_jobs_of_held_directories_and_of_orphaned_ones_and_skips_what_is_no_directory(tmp_path):
+    pool = runpack_runner.StatePool(str(tmp_path))
+    for number, jobs in ((1, 2), (2, 0), (3, 1)):
+        state = runpack_runner.StateDirectory(str(tmp_path / str(number)))
+        state.prepare()
+        for job in range(jobs):
+            state.save_job({"job_id": "job-%d-%d" % (number, job), "report": None})
+    (tmp_path / "4").write_text("not a state directory")
+
+    with pool_directory_held(str(tmp_path / "3")):
+        assert pool.survey() == runpack_runner.PoolSurvey(held=[1], orphans=[2])
+        taken = pool.take()
+        assert taken.path == str(tmp_path / "1"), "the orphaned directory first"
+    assert pool.survey() == runpack_runner.PoolSurvey(held=[2], orphans=[1])
+    taken.unlock()
+
+
+def test_a_lock_that_fails_for_want_of_locks_is_not_taken_for_another_runners():
+    assert runpack_runner._held_by_another(OSError(errno.EWOULDBLOCK, "Resource temporarily unavailable"))
+    assert not runpack_runner._held_by_another(OSError(errno.ENOLCK, "No locks available"))
+
+
+def test_a_state_directory_whose_lock_file_cannot_be_opened_is_a_configuration_error(tmp_path):
+    state = runpack_runner.StateDirectory(str(tmp_path))
+    os.mkdir(os.path.join(str(tmp_path), state.LOCK_FILE))
+
+    with pytest.raises(runpack_runner.ConfigurationError, match="^cannot use the state directory "):
+        state.lock()
+
+
+@pytest.mark.parametrize("setting, message", [
+    (("--sbatch-option=--array=1-8",), "Error: the scaler cannot take the sbatch option --array=1-8: "),
+    (("--stop-margin", "70000"), "Error: --stop-margin can be at most 65535 s, as sbatch --signal takes"),
+    ({"RUNPACK_SBATCH_OPTIONS": "--comment 'unclosed"}, "Error: cannot read RUNPACK_SBATCH_OPTIONS: "),
+    (("--sbatch-header", "HEADER"), "Error: cannot read --sbatch-header "),
+], ids=["refused option", "stop margin", "options variable", "header not utf-8"])
+def test_bad_sbatch_settings_exit_2_with_one_line_before_anything_starts(tmp_path, setting, message):
+    header = tmp_path / "header.sh"
+    header.write_bytes(b"#SBATCH --comment caf\xe9\n")
+    flags = [str(header) if word == "HEADER" else word for word in setting] if isinstance(setting, tuple) else []
+    env = dict(setting) if isinstance(setting, dict) else {}
+    env["RUNPACK_RUNNER_API_KEY"] = RUNNER_KEY
+    result = run_cli("slurm", "--max-runners", "2", "--state-dir", str(tmp_path / "scaler"), *flags, env=env)
+
+    assert result.returncode == EXIT_USAGE
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith(message), result.stderr
+    assert not os.path.exists(str(tmp_path / "scaler"))
 
 
 # ---- Scaling with the jobs -------------------------------------------------------------------
@@ -254,6 +377,25 @@ def test_a_burst_drains_through_at_most_max_runners_with_each_job_reported_once(
     claimed_by = {worker.job(job_id)["claimed_by"] for job_id in job_ids}
     assert len(claimed_by) > 1, "one runner ran every job"
     assert claimed_by <= set(runners), "jobs claimed by runners that have no pool directory"
+
+
+@pytest.mark.slow
+def test_a_job_that_comes_while_the_only_runner_is_busy_gets_a_runner_of_its_own(
+        worker, cluster, start_scaler, tmp_path):
+    gate = tmp_path / "gate"
+    long_job = worker.add_job("held", {"gate": str(gate), "seconds": 120})
+    scaler = start_scaler("--max-runners", "2", "--idle-timeout", "30", "--handlers", HELD_JOB_TYPES)
+    worker.wait_until(lambda: is_in_progress(worker, long_job), timeout=60, message="the long job never started")
+
+    short_job = worker.add_job("held", {"gate": str(tmp_path), "seconds": 0})
+    worker.wait_until(lambda: worker.job(short_job)["status"] == "completed", timeout=DRAIN_TIMEOUT_S,
+                      message="the job that came later waited for the busy runner")
+
+    assert worker.job(long_job)["status"] == "in_progress"
+    assert worker.job(short_job)["claimed_by"] != worker.job(long_job)["claimed_by"]
+    assert "1 job waiting, 1 runner running, 0 pending, 0 slots free: submitting 1" in scaler.output
+    gate.touch()
+    worker.wait_until(lambda: worker.job(long_job)["status"] == "completed", timeout=30)
 
 
 @pytest.mark.slow
@@ -296,7 +438,7 @@ def test_without_verbose_the_scaler_logs_only_its_submissions_and_the_queue_goin
     lines = [line for line in scaler.output.splitlines() if DECISION.search(line)]
     logged = read(os.path.join(scaler_dir(tmp_path), "runpack_slurm.log")).splitlines()
     assert [line for line in logged if DECISION.search(line)] == lines, "the log file and stdout differ"
-    assert lines[0].endswith("INFO: 2 jobs waiting, 0 runners running, 0 pending: submitting 1"), lines
+    assert lines[0].endswith("INFO: 2 jobs waiting, 0 runners running, 0 pending, 0 slots free: submitting 1"), lines
     assert all(" INFO: " in line for line in lines), lines
     said = [DECISION.search(line).group(0) for line in lines]
     assert all(line.startswith("0 jobs waiting") for line in said if line.endswith("submitting none")), said
@@ -372,7 +514,7 @@ def test_a_scaler_killed_and_started_again_counts_the_runners_already_in_slurm(
     assert_each_reported_once(worker, job_ids)
     second.wait_for(lambda output: DECISION.search(output), message="a round of the second scaler")
     first_round = second.decisions()[0]
-    running, pending, submit = int(first_round.group(3)), int(first_round.group(4)), first_round.group(5)
+    running, pending, submit = int(first_round.group(3)), int(first_round.group(4)), first_round.group(6)
     assert (running + pending, submit) == (2, "none"), first_round.group(0)
 
 

@@ -2261,6 +2261,7 @@ class NetworkGuard:
         self.resolve = resolve  # socket.getaddrinfo, or a stand-in in tests
         self.names = {}  # address -> the host name last resolved to it
         self.denial = None  # the first connection refused: the job's error
+        self.pid = os.getpid()  # the job process; a process it forks inherits the guard
 
     def install(self):
         """Wrap the socket class for the rest of this process: a job process's alone."""
@@ -2310,6 +2311,8 @@ class NetworkGuard:
 
     def _deny(self, host, ip):
         denial = JobNetworkDenied(host, ip)
+        if os.getpid() != self.pid:  # a worker the job forked (multiprocessing): an error it passes back
+            raise PermissionError(errno.EACCES, str(denial))
         if self.denial is None:
             self.denial = denial
         raise denial

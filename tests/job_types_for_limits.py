@@ -99,3 +99,12 @@ def socket_calls_that_are_no_connection(input_params, heartbeat_callback):
 def large_result(input_params, heartbeat_callback):
     """Returns ``megabytes`` MiB of text: encoding it for the report needs as much again."""
     return {"text": "a" * (input_params["megabytes"] << 20)}
+
+
+@runpack_runner.job_type("fetch_in_a_worker_process")
+def fetch_in_a_worker_process(input_params, heartbeat_callback):
+    """fetch_url in a forked multiprocessing.Pool worker, as a job that spreads its work would."""
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        return pool.apply(fetch_url, (input_params, None))

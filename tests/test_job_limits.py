@@ -548,6 +548,14 @@ def test_the_machines_address_is_denied_to_raw_sockets_and_udp_as_to_urls(worker
 
 
 @pytest.mark.slow
+def test_a_worker_process_that_the_job_forked_is_denied_and_the_job_fails_saying_so(inside):
+    result = run_here("fetch_in_a_worker_process", {"url": inside.url()}, "--job-timeout", "30")
+    assert result.returncode == 1
+    assert DENIAL.format(host="127.0.0.1", address="127.0.0.1") in error_of(result)
+    assert inside.connections_so_far() == []
+
+
+@pytest.mark.slow
 def test_socket_calls_with_no_address_to_check_behave_in_a_guarded_job_as_without_the_guard():
     result = run_here("socket_calls_that_are_no_connection", {"host": "127.0.0.2"}, *ALLOW_SECOND_LOOPBACK)
     assert result.returncode == 0, result.stderr

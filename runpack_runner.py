@@ -153,17 +153,21 @@ def _parse_networks(text):
 
 SIZE_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 MIN_JOB_MEMORY_LIMIT = 64 << 20  # a job process with figpack imported holds about that before it starts
+MAX_JOB_MEMORY_LIMIT = (1 << 63) - 1  # setrlimit takes a signed 64-bit number
 
 
 def _parse_size(text):
-    """A size such as 512M or 4G (powers of 1024, as Slurm's --mem reads them), in bytes; 0: none."""
-    match = re.match(r"\s*(\d+(?:\.\d+)?)\s*([kmgt])i?b?\s*$", text, re.IGNORECASE)
+    """A size such as 512M or 4G (powers of 1024, as Slurm's --mem reads them), in bytes; 0: none.
+    Read in whole numbers, which never overflow, so that a size too large to set is refused here,
+    not by setrlimit in every job process."""
     if text.strip() == "0":
         return 0
+    match = re.match(r"\s*(\d+)(?:\.(\d+))?\s*([kmgt])i?b?\s*$", text, re.IGNORECASE)
     if not match:
         raise ValueError(text)
-    value = int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
-    if value < MIN_JOB_MEMORY_LIMIT:
+    whole, fraction, unit = match.group(1), match.group(2) or "", SIZE_UNITS[match.group(3).lower()]
+    value = int(whole) * unit + int(fraction or "0") * unit // 10 ** len(fraction)
+    if not MIN_JOB_MEMORY_LIMIT <= value <= MAX_JOB_MEMORY_LIMIT:
         raise ValueError(text)
     return value
 

@@ -27,6 +27,7 @@ HANDLERS = ("--handlers", os.path.join(TESTS, "job_types_for_limits.py"))
 ALLOW_SECOND_LOOPBACK = ("--allow-job-network", "127.0.0.2/32")
 DENIAL = "{host} resolves to {address}, which jobs on this runner may not reach (allow it with --allow-job-network)"
 MIB = 1 << 20
+TOO_LARGE_TO_READ_AS_A_FLOAT = "9" * 400 + "G"
 
 
 def no_own_addresses():
@@ -248,6 +249,16 @@ def test_memory_sizes_are_read_in_powers_of_1024(text, size):
 def test_memory_sizes_without_a_unit_or_under_64m_are_refused(text):
     with pytest.raises(ValueError):
         _parse_size(text)
+
+
+@pytest.mark.parametrize("text", [TOO_LARGE_TO_READ_AS_A_FLOAT, "8388608T", "8388608.1T"])
+def test_memory_sizes_too_large_for_setrlimit_are_refused(text):
+    with pytest.raises(ValueError):
+        _parse_size(text)
+
+
+def test_a_size_just_under_2_63_bytes_is_accepted():
+    assert _parse_size("8388607T") == (1 << 63) - (1 << 40)
 
 
 @pytest.mark.parametrize("size, text", [(400 * MIB, "400 MiB"), (4 << 30, "4 GiB"), (1536 * MIB, "1.5 GiB"),
@@ -687,6 +698,15 @@ def test_a_bad_limit_is_one_line_and_exit_2_for_every_command_and_nothing_starts
     result = run_cli(*(flags + (flag, value)), env={"RUNPACK_RUNNER_API_KEY": RUNNER_KEY})
     one_line_usage_error(result, line)
     assert worker.requests == [], "nothing starts with a bad setting"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size", [TOO_LARGE_TO_READ_AS_A_FLOAT, "8388608T"], ids=["too large for a float",
+                                                                              "2**63 bytes"])
+def test_a_memory_limit_too_large_to_set_is_one_line_and_exit_2(size):
+    result = run_cli("run", "balloon", "megabytes=1", "--job-memory-limit", size, *HANDLERS)
+    one_line_usage_error(result, "Error: --job-memory-limit must be a size from 64M such as 512M or 4G "
+                                 "(0: no limit), got %r" % size)
 
 
 @pytest.mark.slow

@@ -153,7 +153,8 @@ def _parse_networks(text):
 
 SIZE_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 MIN_JOB_MEMORY_LIMIT = 64 << 20  # a job process with figpack imported holds about that before it starts
-MAX_JOB_MEMORY_LIMIT = (1 << 63) - 1  # setrlimit takes a signed 64-bit number
+MEMORY_HEADROOM = 64 << 20  # above the limit: room to report a job that ran out of memory (see JobLimits)
+MAX_JOB_MEMORY_LIMIT = (1 << 63) - 1 - MEMORY_HEADROOM  # setrlimit takes a signed 64-bit number
 
 
 def _parse_size(text):
@@ -2429,6 +2430,7 @@ class JobLimits:
         self.memory_source = memory_source  # how the default was reached, for the operator
         self.threads = max(1, _usable_cpus() // slots)  # a job's share of the CPUs
         self.guard = None
+        self._use_headroom = None
 
     @classmethod
     def from_settings(cls, settings):
@@ -2458,17 +2460,29 @@ class JobLimits:
         return cls(_parse_networks(spec["allow_job_network"]), spec["memory_limit"])
 
     def apply(self):
-        """In a job process, before the handler runs: lower the memory limit, guard the network."""
+        """In a job process, before the handler runs: lower the memory limit, guard the network.
+        The soft limit is the job's; the hard one, which the job cannot raise, is MEMORY_HEADROOM
+        above it, so that a job that ran out of memory and holds on to it still gets its report
+        made and sent (see use_headroom)."""
         if self.memory_limit:
             import resource
 
             kind = getattr(resource, MEMORY_RLIMIT_NAME)
             _, hard = resource.getrlimit(kind)
-            limit = self.memory_limit if hard == resource.RLIM_INFINITY else min(hard, self.memory_limit)
-            resource.setrlimit(kind, (limit, limit))  # the hard limit too: the job cannot raise it
+            soft, ceiling = self.memory_limit, self.memory_limit + MEMORY_HEADROOM
+            if hard != resource.RLIM_INFINITY:
+                soft, ceiling = min(hard, soft), min(hard, ceiling)
+            resource.setrlimit(kind, (soft, ceiling))
+            headroom = (ceiling, ceiling)  # made now: there may be no memory for it later
+            self._use_headroom = lambda: resource.setrlimit(kind, headroom)
         if not self.network.any:
             self.guard = NetworkGuard(self.network)
             self.guard.install()
+
+    def use_headroom(self):
+        """Once the handler has failed: raise the soft memory limit to the hard one."""
+        if self._use_headroom is not None:
+            self._use_headroom()
 
     def explain(self, error, input_params):
         """The error message for a job that failed with ``error`` because of a limit, else None."""
@@ -2592,6 +2606,8 @@ def run_handler(handler, input_params, progress, limits=None):
             return None
         return error_report("Job execution failed: %s" % (str(cancelled) or "JobCancelled"), progress.console)
     except BaseException as error:  # SystemExit and KeyboardInterrupt from a handler fail its job too
+        if limits:
+            limits.use_headroom()  # first: a job out of memory may still hold all of it
         explained = limits and limits.explain(error, input_params)
         if explained:
             return error_report(explained, progress.console)

@@ -108,3 +108,15 @@ def fetch_in_a_worker_process(input_params, heartbeat_callback):
 
     with multiprocessing.get_context("fork").Pool(1) as pool:
         return pool.apply(fetch_url, (input_params, None))
+
+
+
+HOARDED = []  # the hoard job type's memory: module-level, so that the job's failure does not free it
+
+
+@runpack_runner.job_type("hoard")
+def hoard(input_params, heartbeat_callback):
+    """Holds on to ever more small objects until an allocation fails, as a job that caches all it
+    reads would: the MemoryError ends the job, and the memory stays held."""
+    while True:
+        HOARDED.append(bytes(100) + b"%d" % len(HOARDED))

@@ -747,6 +747,13 @@ def test_a_result_too_large_to_encode_under_the_memory_limit_fails_saying_so():
 
 
 @pytest.mark.slow
+def test_a_job_that_holds_on_to_the_memory_it_ran_out_of_still_fails_saying_so():
+    """Its report is made and sent in the headroom above the limit."""
+    result = run_here("hoard", {}, "--job-memory-limit", "200M")
+    assert (result.returncode, error_of(result)) == (1, OVER_THE_LIMIT)
+
+
+@pytest.mark.slow
 def test_a_job_whose_thread_stacks_outgrow_the_memory_limit_fails_saying_so():
     """Near the limit a thread's stack (8 MiB) is often the first allocation to fail."""
     result = run_here("many_threads", {"count": 100}, "--job-memory-limit", "200M")

@@ -2258,15 +2258,19 @@ class NetworkGuard:
     take an address to reach (connect, connect_ex, sendto, sendmsg), so that each is checked
     against the policy before a byte is sent, and connects to the very address it checked: a
     name is resolved here, once. It also wraps getaddrinfo, to name the host an address came
-    from. What it cannot see: sockets made outside Python's socket class (a C extension's
-    own), and other programs the job starts."""
+    from. A denial in the main thread, the handler's, is raised there; one in another thread
+    ends the job process at once (``fail_job``): the job might wait for that thread for ever (a
+    ThreadPool's worker catches Exception only), and an exception sent to the main thread by a
+    signal can be lost (one that comes just before it waits). What it cannot see: sockets made
+    outside Python's socket class (a C extension's own), and other programs the job starts."""
 
-    def __init__(self, policy, resolve=socket.getaddrinfo):
+    def __init__(self, policy, resolve=socket.getaddrinfo, fail_job=None):
         self.policy = policy
         self.resolve = resolve  # socket.getaddrinfo, or a stand-in in tests
         self.names = {}  # address -> the host name last resolved to it
         self.denial = None  # the first connection refused: the job's error
         self.pid = os.getpid()  # the job process; a process it forks inherits the guard
+        self.fail_job = fail_job  # ends the job process at once with the denial's report
 
     def install(self):
         """Wrap the socket class for the rest of this process: a job process's alone."""
@@ -2320,6 +2324,8 @@ class NetworkGuard:
             raise PermissionError(errno.EACCES, str(denial))
         if self.denial is None:
             self.denial = denial
+            if self.fail_job is not None and threading.current_thread() is not threading.main_thread():
+                self.fail_job()
         raise denial
 
 
@@ -2459,8 +2465,9 @@ class JobLimits:
     def from_spec(cls, spec):
         return cls(_parse_networks(spec["allow_job_network"]), spec["memory_limit"])
 
-    def apply(self):
-        """In a job process, before the handler runs: lower the memory limit, guard the network.
+    def apply(self, fail_job=None):
+        """In a job process, before the handler runs: lower the memory limit, guard the network
+        (``fail_job``: see NetworkGuard).
         The soft limit is the job's; the hard one, which the job cannot raise, is MEMORY_HEADROOM
         above it, so that a job that ran out of memory and holds on to it still gets its report
         made and sent (see use_headroom)."""
@@ -2476,7 +2483,7 @@ class JobLimits:
             headroom = (ceiling, ceiling)  # made now: there may be no memory for it later
             self._use_headroom = lambda: resource.setrlimit(kind, headroom)
         if not self.network.any:
-            self.guard = NetworkGuard(self.network)
+            self.guard = NetworkGuard(self.network, fail_job=fail_job)
             self.guard.install()
 
     def use_headroom(self):
@@ -2485,7 +2492,8 @@ class JobLimits:
             self._use_headroom()
 
     def explain(self, error, input_params):
-        """The error message for a job that failed with ``error`` because of a limit, else None."""
+        """The error message for a job that failed with ``error`` (None: it did not fail) because
+        of a limit, else None. A denial explains any failure: it may have come first, elsewhere."""
         if self.guard is not None and self.guard.denial is not None:
             denial = self.guard.denial
             parameter = _parameter_with_host(input_params, denial.host)
@@ -3213,8 +3221,15 @@ def serve_job_process(channel, output, go, temporary_dir):
     tempfile.tempdir = None  # computed again from TMPDIR
     progress.heartbeat_interval = spec["heartbeat_interval"]
     limits = JobLimits.from_spec(spec["limits"])
-    limits.apply()
-    report = run_handler(JOB_HANDLERS[spec["job_type"]], spec["input_params"], progress, limits)
+    limits.apply(fail_job=lambda: _report_and_exit(
+        parent, progress, error_report(limits.explain(None, spec["input_params"]), progress.console)))
+    _report_and_exit(parent, progress, run_handler(JOB_HANDLERS[spec["job_type"]], spec["input_params"],
+                                                   progress, limits))
+
+
+def _report_and_exit(parent, progress, report):
+    """The job process's end, from any of its threads: the report (None: the job was given up)
+    after the job's last progress and output, then exit."""
     progress.finish()
     sys.stdout.flush()
     sys.stderr.flush()

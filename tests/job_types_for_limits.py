@@ -111,6 +111,16 @@ def fetch_in_a_worker_process(input_params, heartbeat_callback):
 
 
 
+
+@runpack_runner.job_type("fetch_in_a_thread_pool")
+def fetch_in_a_thread_pool(input_params, heartbeat_callback):
+    """fetch_url in a multiprocessing ThreadPool, whose workers catch Exception only: a task that
+    raises a BaseException never completes, and the job would wait for it."""
+    from multiprocessing.pool import ThreadPool
+
+    with ThreadPool(1) as pool:
+        return pool.apply(fetch_url, (input_params, None))
+
 HOARDED = []  # the hoard job type's memory: module-level, so that the job's failure does not free it
 
 

@@ -567,6 +567,15 @@ def test_a_worker_process_that_the_job_forked_is_denied_and_the_job_fails_saying
 
 
 @pytest.mark.slow
+def test_a_denial_in_a_thread_that_the_job_waits_on_fails_the_job_at_once_saying_so(inside):
+    """A ThreadPool's worker lets the denial (a BaseException) end its thread, and its task never
+    completes: the job would wait for it until its time limit."""
+    result = run_here("fetch_in_a_thread_pool", {"url": inside.url()}, "--job-timeout", "20")
+    assert (result.returncode, error_of(result)) == (1, "url: " + DENIAL.format(host="127.0.0.1", address="127.0.0.1"))
+    assert inside.connections_so_far() == []
+
+
+@pytest.mark.slow
 def test_socket_calls_with_no_address_to_check_behave_in_a_guarded_job_as_without_the_guard():
     result = run_here("socket_calls_that_are_no_connection", {"host": "127.0.0.2"}, *ALLOW_SECOND_LOOPBACK)
     assert result.returncode == 0, result.stderr

@@ -2271,9 +2271,13 @@ class NetworkGuard:
         self.denial = None  # the first connection refused: the job's error
         self.pid = os.getpid()  # the job process; a process it forks inherits the guard
         self.fail_job = fail_job  # ends the job process at once with the denial's report
+        self._forked_denials = None  # (read, write): a pipe on which forked processes tell theirs
 
     def install(self):
         """Wrap the socket class for the rest of this process: a job process's alone."""
+        self._forked_denials = os.pipe()
+        for end in self._forked_denials:
+            os.set_blocking(end, False)
         socket.socket.connect = self._guarded(socket.socket.connect, 0)
         socket.socket.connect_ex = self._guarded(socket.socket.connect_ex, 0)
         socket.socket.sendto = self._guarded(socket.socket.sendto, -1)
@@ -2321,12 +2325,34 @@ class NetworkGuard:
     def _deny(self, host, ip):
         denial = JobNetworkDenied(host, ip)
         if os.getpid() != self.pid:  # a worker the job forked (multiprocessing): an error it passes back
+            self._tell_job_process(host, ip)
             raise PermissionError(errno.EACCES, str(denial))
         if self.denial is None:
             self.denial = denial
             if self.fail_job is not None and threading.current_thread() is not threading.main_thread():
                 self.fail_job()
         raise denial
+
+    def _tell_job_process(self, host, ip):
+        """From a process the job forked: its denial, for the job process to fail with, whether or
+        not the process passes its error back. One line, one write of less than PIPE_BUF, so that
+        the lines of processes denied at once do not mix (a name in DNS has 253 characters at most)."""
+        if self._forked_denials is not None:
+            try:
+                os.write(self._forked_denials[1], (json.dumps([host[:253], str(ip)]) + "\n").encode("utf-8"))
+            except OSError:  # the pipe is full: the job process has denials enough to read
+                pass
+
+    def first_denial(self):
+        """The job's first denial: in the job process, else in a process it forked; None yet."""
+        if self.denial is None and self._forked_denials is not None:
+            try:
+                line = os.read(self._forked_denials[0], 4096).split(b"\n")[0]
+            except BlockingIOError:
+                return None
+            host, address = json.loads(line.decode("utf-8"))
+            self.denial = JobNetworkDenied(host, ipaddress.ip_address(address))
+        return self.denial
 
 
 def _is_inet_address(address):
@@ -2494,8 +2520,8 @@ class JobLimits:
     def explain(self, error, input_params):
         """The error message for a job that failed with ``error`` (None: it did not fail) because
         of a limit, else None. A denial explains any failure: it may have come first, elsewhere."""
-        if self.guard is not None and self.guard.denial is not None:
-            denial = self.guard.denial
+        denial = self.guard and self.guard.first_denial()
+        if denial:
             parameter = _parameter_with_host(input_params, denial.host)
             return "%s%s" % (parameter + ": " if parameter else "", denial)
         if self.memory_limit and _out_of_memory(error):
@@ -2607,8 +2633,11 @@ def run_handler(handler, input_params, progress, limits=None):
     """Call a handler and turn whatever happens into a report; None once the runner gave it up.
     ``limits``, the JobLimits applied to this process, explain the failures they cause."""
     try:
+        result = handler.execute(input_params, progress)
+        # a denial the job went on after (in a worker process it forked, say) fails it all the same
+        refused = limits and limits.explain(None, input_params)
         # in the try, so that a MemoryError while encoding the result is explained as well
-        return complete_report(handler.execute(input_params, progress), progress.console)
+        return error_report(refused, progress.console) if refused else complete_report(result, progress.console)
     except JobCancelled as cancelled:
         if progress.cancelled:
             return None

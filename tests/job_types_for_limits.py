@@ -103,11 +103,19 @@ def large_result(input_params, heartbeat_callback):
 
 @runpack_runner.job_type("fetch_in_a_worker_process")
 def fetch_in_a_worker_process(input_params, heartbeat_callback):
-    """fetch_url in a forked multiprocessing.Pool worker, as a job that spreads its work would."""
+    """fetch_url in a forked multiprocessing.Pool worker, as a job that spreads its work would;
+    with ``swallow``, the worker takes a failure to fetch for no body, and the job completes."""
     import multiprocessing
 
     with multiprocessing.get_context("fork").Pool(1) as pool:
-        return pool.apply(fetch_url, (input_params, None))
+        return pool.apply(fetch_url_or_nothing if input_params.get("swallow") else fetch_url, (input_params, None))
+
+
+def fetch_url_or_nothing(input_params, heartbeat_callback):
+    try:
+        return fetch_url(input_params, heartbeat_callback)
+    except OSError:
+        return {"body": None}
 
 
 

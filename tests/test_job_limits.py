@@ -559,10 +559,11 @@ def test_the_machines_address_is_denied_to_raw_sockets_and_udp_as_to_urls(worker
 
 
 @pytest.mark.slow
-def test_a_worker_process_that_the_job_forked_is_denied_and_the_job_fails_saying_so(inside):
-    result = run_here("fetch_in_a_worker_process", {"url": inside.url()}, "--job-timeout", "30")
-    assert result.returncode == 1
-    assert DENIAL.format(host="127.0.0.1", address="127.0.0.1") in error_of(result)
+@pytest.mark.parametrize("swallow", [False, True], ids=["passes the error back", "swallows the error"])
+def test_a_worker_process_that_the_job_forked_is_denied_and_the_job_fails_with_the_denial_line(inside, swallow):
+    """However the worker takes its error, the job process is told of the denial."""
+    result = run_here("fetch_in_a_worker_process", {"url": inside.url(), "swallow": swallow}, "--job-timeout", "30")
+    assert (result.returncode, error_of(result)) == (1, "url: " + DENIAL.format(host="127.0.0.1", address="127.0.0.1"))
     assert inside.connections_so_far() == []
 
 

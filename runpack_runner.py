@@ -2148,12 +2148,14 @@ DENIED_NETWORKS = tuple(ipaddress.ip_network(network) for network in (
     "192.0.0.0/24", "192.0.2.0/24", "198.18.0.0/15", "198.51.100.0/24", "203.0.113.0/24",  # protocols, tests
     "192.88.99.0/24",  # the old 6to4 relays: whoever answers there is not a public site
     "224.0.0.0/4", "240.0.0.0/4",  # multicast; reserved, broadcast among them
-    "::/96",  # unspecified (::), loopback (::1) and the old IPv4-compatible form
-    "64:ff9b:1::/48", "100::/64", "2001::/23", "2001:db8::/32", "3fff::/20",  # local NAT64, discard, protocols, tests
-    "5f00::/16",  # segment routing (SRv6): a network's own routers
-    "fc00::/7", "fe80::/10", "fec0::/10",  # unique-local, link-local, site-local
-    "ff00::/8",  # multicast
+    "2001::/23", "2001:db8::/32", "3fff::/20",  # protocols (Teredo among them), documentation
 ))
+# IPv6 reaches the internet in global unicast alone: every address outside it is denied, once the
+# IPv4 address in it (if any) was read. Outside it: unspecified (::), loopback (::1), the old
+# IPv4-compatible form (::/96), local NAT64 (64:ff9b:1::/48), discard (100::/64), segment routing
+# (SRv6, 5f00::/16: a network's own routers), unique-local (fc00::/7), link-local, site-local,
+# multicast, and the rest reserved.
+GLOBAL_UNICAST = ipaddress.ip_network("2000::/3")
 NAT64_NETWORK = ipaddress.ip_network("64:ff9b::/96")  # reaches the IPv4 address in its last 32 bits
 SIIT_NETWORK = ipaddress.ip_network("::ffff:0:0:0/96")  # IPv4-translated (SIIT): the same
 DENIED_KINDS = ("loopback, private (RFC 1918), carrier-grade NAT, link-local and cloud metadata, "
@@ -2216,6 +2218,8 @@ class NetworkPolicy:
         reached = reached_address(address)
         if any(candidate in network for network in self.allowed for candidate in (address, reached)):
             return True
+        if reached.version == 6 and reached not in GLOBAL_UNICAST:
+            return False
         if any(reached in network for network in DENIED_NETWORKS):
             return False
         if self._own is None:

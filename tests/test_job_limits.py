@@ -89,13 +89,14 @@ def guard(resolver, allowed=""):
     "2002:7f00:1::1", "2002:a00:1::1",  # 6to4 of 127.0.0.1, of 10.0.0.1
     "::ffff:0:7f00:1", "::ffff:0:a00:1",  # IPv4-translated (SIIT) 127.0.0.1, 10.0.0.1
     "2001:db8::1", "3fff::1", "5f00::1",  # documentation; segment routing
+    "4000::1", "100:0:0:1::1", "::1:7f00:1", "::ffff:1:0:0:0", "8000::1",  # IPv6 outside global unicast
 ])
 def test_the_machine_its_networks_and_addresses_that_reach_no_one_in_particular_are_denied(address):
     assert not permitted(address)
 
 
 @pytest.mark.parametrize("address", ["93.184.216.34", "8.8.8.8", "2606:4700::1111", "64:ff9b::5db8:d822",
-                                     "::ffff:93.184.216.34", "2002:5db8:d822::1"])
+                                     "::ffff:93.184.216.34", "2002:5db8:d822::1", "::ffff:0:5db8:d822"])
 def test_public_addresses_are_permitted_in_every_form(address):
     assert permitted(address)
 

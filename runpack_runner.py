@@ -2460,10 +2460,12 @@ class JobLimits:
     Made in the runner from the settings, passed on with each job, applied in the job process
     before its handler runs; it then also explains a failure that one of them caused."""
 
-    def __init__(self, network=ANY_NETWORK, memory_limit=0, memory_source="", slots=1):
+    def __init__(self, network=ANY_NETWORK, memory_limit=0, memory_source="", slots=1, available=None):
         self.network = network if isinstance(network, NetworkPolicy) else NetworkPolicy(network)
         self.memory_limit = memory_limit
         self.memory_source = memory_source  # how the default was reached, for the operator
+        self.available = available  # the memory that the default is a share of; None for a limit set
+        self.slots = slots
         self.threads = max(1, _usable_cpus() // slots)  # a job's share of the CPUs
         self.guard = None
         self._use_headroom = None
@@ -2478,7 +2480,7 @@ class JobLimits:
                                                               "s" * (slots != 1)) if available else "")
         if available and memory_limit == DEFAULT_MEMORY_FLOOR:
             source += ", raised to the %s that the built-in job types need" % describe_size(DEFAULT_MEMORY_FLOOR)
-        return cls(settings.allow_job_network, memory_limit, source, slots)
+        return cls(settings.allow_job_network, memory_limit, source, slots, available)
 
     def environment(self, environ):
         """``environ`` for the launcher, whose job processes inherit it: thread pools of a job's
@@ -2551,6 +2553,13 @@ def describe_job_limits(limits, in_job_processes):
     if limits.network.any:
         lines[0] = (logging.WARNING, "Jobs may reach any address this machine can, its own services and "
                                      "the networks it sits in included (--allow-job-network any)")
+    if limits.available and limits.memory_limit * limits.slots > limits.available:
+        lines.append((logging.WARNING, "Jobs may together use more memory than this runner has: %d slots of "
+                                       "%s (the default's floor) are %s, over its %s; lower --concurrency or "
+                                       "set --job-memory-limit" % (
+                                           limits.slots, describe_size(limits.memory_limit),
+                                           describe_size(limits.memory_limit * limits.slots),
+                                           describe_size(limits.available))))
     return lines
 
 

@@ -19,8 +19,8 @@ import urllib.parse
 import pytest
 
 from conftest import RUNNER_KEY, TESTS, run_cli
-from runpack_runner import (ANY_NETWORK, THREAD_POOL_VARIABLES, JobLimits, JobNetworkDenied, NetworkGuard,
-                            NetworkPolicy, _cgroup_limits, _parse_networks, _parse_size, _usable_cpus,
+from runpack_runner import (ANY_NETWORK, DEFAULT_MEMORY_FLOOR, THREAD_POOL_VARIABLES, JobLimits, JobNetworkDenied,
+                            NetworkGuard, NetworkPolicy, _cgroup_limits, _parse_networks, _parse_size, _usable_cpus,
                             available_memory, describe_size, machine_addresses)
 
 HANDLERS = ("--handlers", os.path.join(TESTS, "job_types_for_limits.py"))
@@ -676,6 +676,19 @@ def test_check_describes_the_default_memory_limit_as_a_share_of_the_machine_per_
     result = check(worker, tmp_path, "--concurrency", "2")
     assert job_limit_lines(result)[1] == "Job memory limit: %s per job (the default: 75%% of %s over 2 slots; " \
         "--job-memory-limit)" % (describe_size(max(int(memory * 0.75) // 2, 1 << 30)), describe_size(memory))
+
+
+@pytest.mark.slow
+def test_a_runner_whose_slots_at_the_default_floor_overcommit_the_memory_warns_at_start(worker, start_runner):
+    memory = available_memory()
+    if not memory:
+        pytest.skip("this machine's memory cannot be read")
+    slots = memory // DEFAULT_MEMORY_FLOOR + 1
+    runner = start_runner("--concurrency", str(slots))
+    runner.wait_for_output("WARNING: Jobs may together use more memory than this runner has: %d slots of 1.5 GiB "
+                           "(the default's floor) are %s, over its %s; lower --concurrency or set --job-memory-limit"
+                           % (slots, describe_size(slots * DEFAULT_MEMORY_FLOOR), describe_size(memory)))
+    assert runner.stop() == 0
 
 
 @pytest.mark.slow

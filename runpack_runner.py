@@ -2541,7 +2541,17 @@ class JobLimits:
         return "%s (%s; --job-memory-limit)" % (limit, self.memory_source) if self.memory_source else limit
 
 
-def describe_job_limits(limits, in_job_processes):
+LINUX_RELEASE = os.uname().release if sys.platform.startswith("linux") else ""
+
+
+def data_limit_counts_mmap(linux_release):
+    """Whether a Linux kernel of this release ("3.10.0-1160.el7.x86_64") counts memory mapped
+    with mmap in RLIMIT_DATA: from 4.7 on. Before, glibc's large allocations escape the limit."""
+    version = re.match(r"(\d+)\.(\d+)", linux_release)
+    return not version or (int(version.group(1)), int(version.group(2))) >= (4, 7)
+
+
+def describe_job_limits(limits, in_job_processes, linux_release=LINUX_RELEASE):
     """(log level, line) for each thing an operator should know of the limits jobs run under."""
     if not in_job_processes:
         return [(logging.WARNING, "Jobs run in the runner's own process (--in-process): neither the "
@@ -2560,6 +2570,11 @@ def describe_job_limits(limits, in_job_processes):
                                            limits.slots, describe_size(limits.memory_limit),
                                            describe_size(limits.memory_limit * limits.slots),
                                            describe_size(limits.available))))
+    if limits.memory_limit and not data_limit_counts_mmap(linux_release):
+        lines.append((logging.WARNING, "The job memory limit cannot hold on Linux %s: before 4.7, the kernel "
+                                       "leaves memory mapped with mmap (glibc's large allocations) out of the "
+                                       "data limit; limit jobs' memory with Slurm's --mem or a cgroup (systemd "
+                                       "MemoryMax=)" % linux_release))
     return lines
 
 

@@ -10,6 +10,7 @@ import errno
 import http.server
 import ipaddress
 import json
+import logging
 import os
 import socket
 import threading
@@ -21,7 +22,8 @@ import pytest
 from conftest import RUNNER_KEY, TESTS, run_cli
 from runpack_runner import (ANY_NETWORK, DEFAULT_MEMORY_FLOOR, THREAD_POOL_VARIABLES, JobLimits, JobNetworkDenied,
                             NetworkGuard, NetworkPolicy, _cgroup_limits, _parse_networks, _parse_size, _usable_cpus,
-                            available_memory, describe_size, machine_addresses)
+                            available_memory, data_limit_counts_mmap, describe_job_limits, describe_size,
+                            machine_addresses)
 
 HANDLERS = ("--handlers", os.path.join(TESTS, "job_types_for_limits.py"))
 ALLOW_SECOND_LOOPBACK = ("--allow-job-network", "127.0.0.2/32")
@@ -284,6 +286,23 @@ def test_a_memory_limit_set_on_a_cgroup_above_the_runners_counts(tmp_path):
     (tmp_path / "job_7" / "memory.max").write_text("%d\n" % (8 << 30))
     limits = _cgroup_limits(str(tmp_path), "/job_7/step_0/task_0", "memory.max")
     assert min(limit for limit in limits if limit) == 8 << 30
+
+
+@pytest.mark.parametrize("release, counts", [("3.10.0-1160.el7.x86_64", False), ("4.6.7", False),
+                                             ("4.7.0", True), ("4.18.0-553.el8_10.x86_64", True), ("6.18.1", True),
+                                             ("10.0", True)])
+def test_linux_counts_mmapped_memory_in_the_data_limit_from_4_7_on(release, counts):
+    assert data_limit_counts_mmap(release) is counts
+
+
+def test_a_memory_limit_on_a_kernel_before_4_7_is_warned_of_and_none_is_not():
+    warning = (logging.WARNING, "The job memory limit cannot hold on Linux 3.10.0-1160.el7.x86_64: before 4.7, the "
+                                "kernel leaves memory mapped with mmap (glibc's large allocations) out of the data "
+                                "limit; limit jobs' memory with Slurm's --mem or a cgroup (systemd MemoryMax=)")
+    old_kernel = "3.10.0-1160.el7.x86_64"
+    assert warning in describe_job_limits(JobLimits(ANY_NETWORK, 400 * MIB), True, old_kernel)
+    assert warning not in describe_job_limits(JobLimits(ANY_NETWORK, 0), True, old_kernel)
+    assert logging.WARNING not in dict(describe_job_limits(JobLimits((), 400 * MIB), True, "6.18.1"))
 
 
 @pytest.mark.parametrize("error", [MemoryError(), OSError(errno.ENOMEM, "Cannot allocate memory")])

@@ -2333,8 +2333,8 @@ class NetworkGuard:
             raise PermissionError(errno.EACCES, str(denial))
         if self.denial is None:
             self.denial = denial
-            if self.fail_job is not None and threading.current_thread() is not threading.main_thread():
-                self.fail_job()
+        if self.fail_job is not None and threading.current_thread() is not threading.main_thread():
+            self.fail_job()
         raise denial
 
     def _tell_job_process(self, host, ip):

@@ -4926,14 +4926,14 @@ class SlurmClient:
 
     def submit(self, script, options):
         """The id of the batch job of ``script`` (given on stdin: nothing of it is written)."""
-        answer = self._run(["sbatch", "--parsable"] + list(options) + ["--job-name=" + self.job_name], script)
-        return answer.strip().split(";")[0]
+        finished = self._run(["sbatch", "--parsable"] + list(options) + ["--job-name=" + self.job_name], script)
+        return finished.stdout.strip().split(";")[0]
 
     def runners(self):
         """{job id: state} of the scaler's batch jobs that Slurm still lists, the ones that
         ended lately included (Slurm keeps them for its MinJobAge)."""
         answer = self._run(["squeue", "--noheader", "--all", "--states=all", "--user=%d" % os.getuid(),
-                            "--name=" + self.job_name, "--format=%i %T"])
+                            "--name=" + self.job_name, "--format=%i %T"]).stdout
         return dict(line.split()[:2] for line in answer.splitlines() if len(line.split()) >= 2)
 
     def _run(self, command, stdin=None):
@@ -4941,17 +4941,23 @@ class SlurmClient:
 
         try:
             finished = subprocess.run(command, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      universal_newlines=True, env=self.environ, timeout=SLURM_COMMAND_TIMEOUT_S)
+                                      encoding="utf-8", errors="replace", env=self.environ,
+                                      timeout=SLURM_COMMAND_TIMEOUT_S)  # a site's message may be in any encoding
         except subprocess.TimeoutExpired:
             raise SlurmUnavailable("%s did not answer within %s" % (command[0], describe_seconds(
                 SLURM_COMMAND_TIMEOUT_S)))
         except OSError as error:
             raise SlurmUnavailable("cannot run %s: %s" % (command[0], error.strerror or error))
         if finished.returncode != 0:
-            said = (finished.stderr.strip() or finished.stdout.strip()).splitlines()
             raise SlurmUnavailable("%s failed (exit %d: %s)" % (command[0], finished.returncode,
-                                                               said[-1] if said else "no message"))
-        return finished.stdout
+                                                               _last_line(finished.stderr or finished.stdout)))
+        return finished
+
+
+def _last_line(output):
+    """The last line of a Slurm command's output, or "no message"."""
+    lines = output.strip().splitlines()
+    return lines[-1] if lines else "no message"
 
 
 class ScalingDecision(collections.namedtuple("ScalingDecision", "waiting orphans running pending free submit")):

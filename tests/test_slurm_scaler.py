@@ -269,6 +269,30 @@ def test_scaling_decision_submits_nothing_when_nothing_waits():
     assert str(decision) == "0 jobs waiting, 2 runners running, 0 pending, 1 slot free: submitting none"
 
 
+# ---- Slurm's commands: SlurmClient with stand-in sbatch and squeue on PATH ------------------------
+
+
+def slurm_client(tmp_path, **commands):
+    """A SlurmClient whose PATH holds only shell scripts standing in for Slurm's commands:
+    ``slurm_client(tmp_path, sbatch="echo 42")``."""
+    folder = tmp_path / "slurm-bin"
+    folder.mkdir()
+    for name, body in commands.items():
+        (folder / name).write_text("#!/bin/sh\n%s\n" % body)
+        (folder / name).chmod(0o755)
+    return runpack_runner.SlurmClient("runpack-test", {"PATH": "%s:/usr/bin:/bin" % folder})
+
+
+def test_an_sbatch_message_not_in_utf_8_is_a_failure_of_one_line_not_a_crash(tmp_path):
+    slurm = slurm_client(tmp_path, sbatch="printf 'sbatch: error: caf\\351\\n' >&2; exit 1")
+
+    with pytest.raises(runpack_runner.SlurmUnavailable) as failure:
+        slurm.submit("#!/bin/sh\n", [])
+
+    assert str(failure.value) == "sbatch failed (exit 1: sbatch: error: caf\ufffd)"
+    assert isinstance(failure.value, runpack_runner.TransientError), "the scaler backs off and tries again"
+
+
 # ---- What sbatch gets, and the state pool (values only) --------------------------------------------
 
 

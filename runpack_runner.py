@@ -4927,7 +4927,10 @@ class SlurmClient:
     def submit(self, script, options):
         """The id of the batch job of ``script`` (given on stdin: nothing of it is written)."""
         finished = self._run(["sbatch", "--parsable"] + list(options) + ["--job-name=" + self.job_name], script)
-        return finished.stdout.strip().split(";")[0]
+        job_id = finished.stdout.strip().split(";")[0]
+        if not job_id:  # --test-only, say: nothing was submitted
+            raise SlurmUnavailable("sbatch printed no job id (%s)" % _last_line(finished.stderr))
+        return job_id
 
     def runners(self):
         """{job id: state} of the scaler's batch jobs that Slurm still lists, the ones that

@@ -293,6 +293,14 @@ def test_an_sbatch_message_not_in_utf_8_is_a_failure_of_one_line_not_a_crash(tmp
     assert isinstance(failure.value, runpack_runner.TransientError), "the scaler backs off and tries again"
 
 
+def test_an_sbatch_that_submits_nothing_and_prints_no_job_id_is_a_failure_not_a_runner(tmp_path):
+    slurm = slurm_client(tmp_path, sbatch="echo 'sbatch: Job 3 to start at 2024-05-01T10:00:00' >&2")
+
+    with pytest.raises(runpack_runner.SlurmUnavailable) as failure:
+        slurm.submit("#!/bin/sh\n", ["--test-only"])
+
+    assert str(failure.value) == "sbatch printed no job id (sbatch: Job 3 to start at 2024-05-01T10:00:00)"
+
 # ---- What sbatch gets, and the state pool (values only) --------------------------------------------
 
 

@@ -4979,10 +4979,11 @@ def scaling_decision(waiting, pool, runners, concurrency, max_runners):
     in Slurm, {job id: state}): one for each orphaned directory of the ``pool`` (a PoolSurvey)
     that no runner without a directory yet (pending, or starting) will take, and enough for
     the waiting jobs that no free slot will take. A runner has ``concurrency`` slots, less the
-    jobs of the directory it holds, or will take. Directories held past the number of runners
-    (by a runner whose batch job is ending, say) are counted as the idlest, and no room."""
+    jobs of the directory it holds, or will take. Only a running runner can hold a directory:
+    those held past the number of running ones (by a runner whose batch job is ending, say)
+    are counted as the idlest, and no room, so that a pending runner is not taken to hold one."""
     running = sum(state != "PENDING" for state in runners.values())
-    held = sorted(pool.held, reverse=True)[:len(runners)]
+    held = sorted(pool.held, reverse=True)[:running]
     unplaced = len(runners) - len(held)
     orphans = sorted(pool.orphans)
     taken, left = orphans[:unplaced], orphans[unplaced:]

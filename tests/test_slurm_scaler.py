@@ -234,6 +234,14 @@ def test_scaling_decision_counts_a_runner_without_a_directory_yet_as_all_its_slo
     assert decide(3, {"1": "RUNNING", "2": "RUNNING"}, held=[1]).submit == 2, "one holds a job, one starts"
 
 
+def test_scaling_decision_credits_no_pending_runner_with_a_directory_that_an_ending_runner_holds():
+    """Runner 1 runs and holds a directory; the second one held is its predecessor's, ending:
+    the pending runner 2 holds nothing yet, so it takes the orphan, or a waiting job."""
+    runners = {"1": "RUNNING", "2": "PENDING"}
+
+    assert decide(0, runners, held=[1, 0], orphans=[1]).submit == 0
+    assert decide(2, runners, held=[1, 1]).submit == 1
+
 def test_scaling_decision_never_goes_past_max_runners():
     assert decide(50, {}, max_runners=3).submit == 3
     assert decide(50, {"1": "PENDING"}, orphans=[1, 1], max_runners=3).submit == 2

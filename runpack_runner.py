@@ -4861,8 +4861,14 @@ def _check_relay(checklist, settings, relay_key):
 SLURM_RUNNER_IDLE_TIMEOUT_S = 300.0  # the runners' --idle-timeout unless given: Slurm's queue empties
 SLURM_COMMAND_TIMEOUT_S = 60.0  # a slurmctld that does not answer an sbatch or squeue in this long is down
 SLURM_RETRY_MAX_S = 300.0  # the longest wait after sbatch or squeue failed
-# A runner's batch job that may still take a job (COMPLETING: its script has ended).
-SLURM_ACTIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "REQUEUED", "RESIZING", "SUSPENDED", "STOPPED")
+# A runner's batch job that may still take a job, as squeue's %T says (not COMPLETING or
+# STAGE_OUT: its script has ended). Started, it may hold a state directory; waiting to start, it
+# holds none and will take one; on hold, it holds none and starts only when an operator releases
+# it: it counts against --max-runners, but as no room for a job.
+SLURM_STARTED_STATES = ("RUNNING", "SIGNALING", "RESIZING", "SUSPENDED", "STOPPED")
+SLURM_STARTING_STATES = ("PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_FED")
+SLURM_ON_HOLD_STATES = ("REQUEUE_HOLD", "SPECIAL_EXIT", "RESV_DEL_HOLD")
+SLURM_ACTIVE_STATES = SLURM_STARTED_STATES + SLURM_STARTING_STATES + SLURM_ON_HOLD_STATES
 # A runner's batch job that ended so that the next would likely end so too: the scaler waits.
 SLURM_RUNNER_FAILED_STATES = {"FAILED": "failed", "OUT_OF_MEMORY": "ran out of its memory",
                               "BOOT_FAIL": "could not start (BOOT_FAIL)"}
@@ -4979,12 +4985,14 @@ def scaling_decision(waiting, pool, runners, concurrency, max_runners):
     in Slurm, {job id: state}): one for each orphaned directory of the ``pool`` (a PoolSurvey)
     that no runner without a directory yet (pending, or starting) will take, and enough for
     the waiting jobs that no free slot will take. A runner has ``concurrency`` slots, less the
-    jobs of the directory it holds, or will take. Only a running runner can hold a directory:
-    those held past the number of running ones (by a runner whose batch job is ending, say)
-    are counted as the idlest, and no room, so that a pending runner is not taken to hold one."""
-    running = sum(state != "PENDING" for state in runners.values())
+    jobs of the directory it holds, or will take; one on hold in Slurm has none. Only a running
+    runner can hold a directory: those held past the number of running ones (by a runner whose
+    batch job is ending, say) are counted as the idlest, and no room, so that a pending runner
+    is not taken to hold one."""
+    running = sum(state in SLURM_STARTED_STATES for state in runners.values())
+    starting = sum(state in SLURM_STARTING_STATES for state in runners.values())
     held = sorted(pool.held, reverse=True)[:running]
-    unplaced = len(runners) - len(held)
+    unplaced = running + starting - len(held)
     orphans = sorted(pool.orphans)
     taken, left = orphans[:unplaced], orphans[unplaced:]
     slots_left = lambda jobs: max(0, concurrency - jobs)  # noqa: E731

@@ -242,6 +242,11 @@ def test_scaling_decision_credits_no_pending_runner_with_a_directory_that_an_end
     assert decide(0, runners, held=[1, 0], orphans=[1]).submit == 0
     assert decide(2, runners, held=[1, 1]).submit == 1
 
+def test_scaling_decision_counts_a_runner_on_hold_in_slurm_as_pending_and_no_room():
+    decision = decide(1, {"1": "REQUEUE_HOLD", "2": "SIGNALING"}, held=[1])
+
+    assert (decision.submit, decision.running, decision.pending, decision.free) == (1, 1, 1, 0)
+
 def test_scaling_decision_never_goes_past_max_runners():
     assert decide(50, {}, max_runners=3).submit == 3
     assert decide(50, {"1": "PENDING"}, orphans=[1, 1], max_runners=3).submit == 2
@@ -308,6 +313,31 @@ def test_an_sbatch_that_submits_nothing_and_prints_no_job_id_is_a_failure_not_a_
         slurm.submit("#!/bin/sh\n", ["--test-only"])
 
     assert str(failure.value) == "sbatch printed no job id (sbatch: Job 3 to start at 2024-05-01T10:00:00)"
+
+
+def scaler_against(worker, tmp_path, squeue, max_runners):
+    """A SlurmScaler polling the fake worker as a registered runner, with a stand-in squeue
+    that prints ``squeue`` and an sbatch that notes each submission in tmp_path/submitted."""
+    client = runpack_runner.WorkerClient(worker.url, RUNNER_KEY, 2)
+    client.runner_id = worker.register_runner("slurm-scaler")
+    slurm = slurm_client(tmp_path, squeue="printf '%s'" % squeue,
+                         sbatch="echo submitted >> %s; echo 100" % (tmp_path / "submitted"))
+    settings = types.SimpleNamespace(max_runners=max_runners, poll_interval=10.0, concurrency=1,
+                                     state_dir=str(tmp_path / "scaler"))
+    pool = runpack_runner.StatePool(str(tmp_path / "scaler" / "runners"))
+    return runpack_runner.SlurmScaler(settings, client, slurm, pool, "true", [],
+                                      runpack_runner.NewJobNotices(None, runpack_runner.Waker()))
+
+
+def test_runners_that_slurm_signals_or_holds_count_against_max_runners(worker, tmp_path):
+    for number in range(5):
+        worker.add_job("hello_world", {"name": "n%d" % number})
+    scaler = scaler_against(worker, tmp_path, "1 PENDING\\n2 RUNNING\\n3 SIGNALING\\n4 REQUEUE_HOLD\\n",
+                            max_runners=3)
+
+    scaler._round(["hello_world"])
+
+    assert not (tmp_path / "submitted").exists(), "4 runners live or held in Slurm, 3 at most"
 
 # ---- What sbatch gets, and the state pool (values only) --------------------------------------------
 

@@ -5014,6 +5014,7 @@ class SlurmScaler:
         self.waker = notices.waker
         self.shutdown = ShutdownRequests(self.waker)
         self.retrying = Retrying(SLURM_RETRY_MAX_S, self._sleep, lambda delay: self.shutdown.graceful)
+        self.pacer = PollPacer()  # a burst of notices must not take its polls past the worker's limit
         self._said = None  # the last decision logged, so that an unchanged one is not logged again
         self._sbatch_failing = False  # the last sbatch failed: Retrying has said so, the decision was said
         self._submitted = set()  # the batch jobs this scaler submitted whose end it has not judged yet
@@ -5035,7 +5036,11 @@ class SlurmScaler:
         return EXIT_OK
 
     def _round(self, job_types):
+        self._sleep(self.pacer.wait_before_poll())
+        if self.shutdown.graceful:
+            return
         self.notices.polled()
+        self.pacer.polled()
         try:
             waiting = len(self.client.available(job_types))
         except WorkerKeyRejected:

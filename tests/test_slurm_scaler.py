@@ -16,6 +16,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import types
 
@@ -338,6 +339,24 @@ def test_runners_that_slurm_signals_or_holds_count_against_max_runners(worker, t
     scaler._round(["hello_world"])
 
     assert not (tmp_path / "submitted").exists(), "4 runners live or held in Slurm, 3 at most"
+
+
+def test_a_scaler_that_polled_as_often_as_the_worker_allows_waits_rather_than_poll_again(worker, tmp_path):
+    """A burst of NotifyRelay notices asks for a round each: the rounds keep to the rule of
+    the runners' polls (PollPacer), under the worker's 120 a minute per runner."""
+    worker.add_job("hello_world", {"name": "waits"})
+    scaler = scaler_against(worker, tmp_path, "", max_runners=3)
+    for _ in range(runpack_runner.PollPacer.POLLS_PER_MINUTE):
+        scaler.pacer.polled()
+    round_thread = threading.Thread(target=scaler._round, args=(["hello_world"],))
+
+    round_thread.start()
+    scaler.shutdown(signal.SIGTERM)  # as the handler would: the waiting round ends without its poll
+    round_thread.join(30)
+
+    assert not round_thread.is_alive()
+    assert worker.count("available") == 0
+    assert not (tmp_path / "submitted").exists()
 
 # ---- What sbatch gets, and the state pool (values only) --------------------------------------------
 

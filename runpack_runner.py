@@ -5108,9 +5108,16 @@ def _last_error(path):
     return (errors or lines or ["(nothing)"])[-1]
 
 
+def given_sbatch_options(flag_values, environ):
+    """The operator's sbatch options: RUNPACK_SBATCH_OPTIONS, then the --sbatch-option values,
+    so that a flag wins over the environment (sbatch takes the later option) as for every setting."""
+    return shlex_split(environ.get(SBATCH_OPTIONS_ENV, ""), SBATCH_OPTIONS_ENV) + list(flag_values or [])
+
+
 def sbatch_options(settings, header_lines):
     """What sbatch gets: the output files, the warning signal before the time limit, a CPU per
-    slot, then the operator's #SBATCH header and --sbatch-option options (later ones win)."""
+    slot, then the operator's options: the #SBATCH header, then ``settings.sbatch_options``
+    (given_sbatch_options); sbatch takes the later of two."""
     logs = os.path.join(os.path.abspath(settings.state_dir), "logs").replace("%", "%%")  # % is Slurm's
     options = ["--output=%s" % os.path.join(logs, "runner-%j.out"),
                "--signal=B:TERM@%d" % -(-settings.stop_margin // 1), "--cpus-per-task=%d" % settings.concurrency]
@@ -5160,8 +5167,7 @@ def command_slurm(args, environ):
         return EXIT_USAGE
     check_api_key(api_key)
     settings = resolve_settings(args, SLURM_SETTINGS, environ)
-    settings.sbatch_options = (args.sbatch_option or []) + shlex_split(environ.get(SBATCH_OPTIONS_ENV, ""),
-                                                                       SBATCH_OPTIONS_ENV)
+    settings.sbatch_options = given_sbatch_options(args.sbatch_option, environ)
     worker_url = check_worker_url(settings.worker_url, settings.allow_insecure_http)
     if not settings.max_runners:
         raise ConfigurationError("give the most runners to keep in Slurm: --max-runners N")

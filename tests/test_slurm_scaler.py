@@ -377,6 +377,14 @@ def test_sbatch_gets_the_header_lines_read_as_a_shell_would_then_the_options_giv
                        "--cpus-per-task=2", "--time=4:00:00", "--comment", "Runpack runners", "--partition=cpu"]
 
 
+
+def test_an_sbatch_option_given_as_a_flag_wins_over_the_environments():
+    environ = {"RUNPACK_SBATCH_OPTIONS": "--partition=cpu --time=1:00:00"}
+
+    options = runpack_runner.given_sbatch_options(["--partition=gpu"], environ)
+
+    assert options == ["--partition=cpu", "--time=1:00:00", "--partition=gpu"], "sbatch takes the later one"
+
 @pytest.mark.parametrize("option", ["--job-name=mine", "--job=mine", "-J", "-Jmine", "--array=1-4", "--arr=1-4",
                                     "-a1-4", "--clusters=other", "-M", "--wrap=hostname"])
 def test_sbatch_options_that_would_hide_or_multiply_the_runners_are_refused_in_every_spelling(option):

@@ -5109,9 +5109,13 @@ def _last_error(path):
 
 
 def given_sbatch_options(flag_values, environ):
-    """The operator's sbatch options: RUNPACK_SBATCH_OPTIONS, then the --sbatch-option values,
-    so that a flag wins over the environment (sbatch takes the later option) as for every setting."""
-    return shlex_split(environ.get(SBATCH_OPTIONS_ENV, ""), SBATCH_OPTIONS_ENV) + list(flag_values or [])
+    """The operator's sbatch options, each value read as a shell would (``--time 04:00:00`` is
+    two words): RUNPACK_SBATCH_OPTIONS, then the --sbatch-option values, so that a flag wins over
+    the environment (sbatch takes the later option) as for every setting."""
+    options = shlex_split(environ.get(SBATCH_OPTIONS_ENV, ""), SBATCH_OPTIONS_ENV)
+    for value in flag_values or []:
+        options += shlex_split(value, "--sbatch-option %s" % value)
+    return options
 
 
 def sbatch_options(settings, header_lines):
@@ -5309,8 +5313,9 @@ def build_parser():
         epilog=SLURM_EXIT_CODES, formatter_class=EpilogAsWritten)
     add_setting_flags(slurm, SLURM_SETTINGS)
     slurm.add_argument("--sbatch-option", action="append", metavar="OPTION",
-                       help="an sbatch option for every runner, e.g. --sbatch-option=--partition=cpu "
-                            "(repeatable; env %s, space-separated)" % SBATCH_OPTIONS_ENV)
+                       help="sbatch options for every runner, read as a shell would, e.g. "
+                            "--sbatch-option=--partition=cpu or --sbatch-option '--time 04:00:00' "
+                            "(repeatable; env %s, read the same way; the flag wins)" % SBATCH_OPTIONS_ENV)
     parser.commands = {"runner": runner, "check": check, "run": run, "slurm": slurm}
     return parser
 

@@ -385,6 +385,14 @@ def test_an_sbatch_option_given_as_a_flag_wins_over_the_environments():
 
     assert options == ["--partition=cpu", "--time=1:00:00", "--partition=gpu"], "sbatch takes the later one"
 
+
+def test_each_sbatch_option_flag_is_read_as_a_shell_would():
+    options = runpack_runner.given_sbatch_options(["--time 04:00:00", "--comment='Runpack runners'"], {})
+
+    assert options == ["--time", "04:00:00", "--comment=Runpack runners"]
+    with pytest.raises(runpack_runner.ConfigurationError, match="^cannot read --sbatch-option --comment 'x: "):
+        runpack_runner.given_sbatch_options(["--comment 'x"], {})
+
 @pytest.mark.parametrize("option", ["--job-name=mine", "--job=mine", "-J", "-Jmine", "--array=1-4", "--arr=1-4",
                                     "-a1-4", "--clusters=other", "-M", "--wrap=hostname"])
 def test_sbatch_options_that_would_hide_or_multiply_the_runners_are_refused_in_every_spelling(option):
@@ -440,8 +448,9 @@ def test_a_state_directory_whose_lock_file_cannot_be_opened_is_a_configuration_e
     (("--sbatch-option=--array=1-8",), "Error: the scaler cannot take the sbatch option --array=1-8: "),
     (("--stop-margin", "70000"), "Error: --stop-margin can be at most 65535 s, as sbatch --signal takes"),
     ({"RUNPACK_SBATCH_OPTIONS": "--comment 'unclosed"}, "Error: cannot read RUNPACK_SBATCH_OPTIONS: "),
+    (("--sbatch-option", "--job-name runpack"), "Error: the scaler cannot take the sbatch option --job-name: "),
     (("--sbatch-header", "HEADER"), "Error: cannot read --sbatch-header "),
-], ids=["refused option", "stop margin", "options variable", "header not utf-8"])
+], ids=["refused option", "stop margin", "options variable", "option of two words", "header not utf-8"])
 def test_bad_sbatch_settings_exit_2_with_one_line_before_anything_starts(tmp_path, setting, message):
     header = tmp_path / "header.sh"
     header.write_bytes(b"#SBATCH --comment caf\xe9\n")

@@ -5120,12 +5120,15 @@ def given_sbatch_options(flag_values, environ):
 
 def sbatch_options(settings, header_lines):
     """What sbatch gets: the output files, the warning signal before the time limit, a CPU per
-    slot, then the operator's options: the #SBATCH header, then ``settings.sbatch_options``
+    slot, then the operator's options: the #SBATCH header lines before its first command, then
+    ``settings.sbatch_options``
     (given_sbatch_options); sbatch takes the later of two."""
     logs = os.path.join(os.path.abspath(settings.state_dir), "logs").replace("%", "%%")  # % is Slurm's
     options = ["--output=%s" % os.path.join(logs, "runner-%j.out"),
                "--signal=B:TERM@%d" % -(-settings.stop_margin // 1), "--cpus-per-task=%d" % settings.concurrency]
     for number, line in enumerate(header_lines, 1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            break  # sbatch reads no directive after the first command
         if line.startswith("#SBATCH"):
             options += shlex_split(line[len("#SBATCH"):], "line %d of --sbatch-header %s" % (
                 number, settings.sbatch_header))

@@ -393,6 +393,15 @@ def test_each_sbatch_option_flag_is_read_as_a_shell_would():
     with pytest.raises(runpack_runner.ConfigurationError, match="^cannot read --sbatch-option --comment 'x: "):
         runpack_runner.given_sbatch_options(["--comment 'x"], {})
 
+
+def test_sbatch_header_lines_after_the_first_command_are_not_options_as_for_sbatch():
+    header = ["#!/bin/sh", "", "   # a comment", "#SBATCH --time=4:00:00", "module load python",
+              "#SBATCH --partition=ignored"]
+
+    options = runpack_runner.sbatch_options(sbatch_settings(), header)
+
+    assert options[3:] == ["--time=4:00:00"]
+
 @pytest.mark.parametrize("option", ["--job-name=mine", "--job=mine", "-J", "-Jmine", "--array=1-4", "--arr=1-4",
                                     "-a1-4", "--clusters=other", "-M", "--wrap=hostname"])
 def test_sbatch_options_that_would_hide_or_multiply_the_runners_are_refused_in_every_spelling(option):

@@ -4892,8 +4892,11 @@ exit $code
 
 
 # sbatch options that would undo how the scaler finds its runners (by job name, with squeue on
-# this cluster) or what it submits (one runner per batch job, the script on stdin).
+# this cluster) or what it submits (one runner per batch job, the script on stdin), and the
+# variables that sbatch reads as such options from the operator's environment.
 SBATCH_OPTIONS_REFUSED = (("--job-name", "-J"), ("--array", "-a"), ("--clusters", "-M"), ("--wrap", None))
+SBATCH_VARIABLES_REFUSED = ("SBATCH_ARRAY_INX", "SBATCH_CLUSTERS", "SLURM_CLUSTERS")
+SCALER_NEEDS = "it submits one runner per batch job and finds them by their job name with squeue"
 SLURM_MAX_SIGNAL_MARGIN_S = 65535  # sbatch --signal=…@seconds takes no more
 
 
@@ -4913,10 +4916,16 @@ def check_sbatch_options(options):
         name = word.split("=", 1)[0]
         for flag, short in SBATCH_OPTIONS_REFUSED:
             if name.startswith("--") and len(name) > 2 and flag.startswith(name) or short and word.startswith(short):
-                raise ConfigurationError(
-                    "the scaler cannot take the sbatch option %s: it submits one runner per batch job and finds "
-                    "them by their job name with squeue; leave out %s" % (
-                        word, ", ".join(flag for flag, _ in SBATCH_OPTIONS_REFUSED)))
+                raise ConfigurationError("the scaler cannot take the sbatch option %s: %s; leave out %s" % (
+                    word, SCALER_NEEDS, ", ".join(flag for flag, _ in SBATCH_OPTIONS_REFUSED)))
+
+
+def check_sbatch_environment(environ):
+    """ConfigurationError for a variable of SBATCH_VARIABLES_REFUSED in ``environ``."""
+    for name in SBATCH_VARIABLES_REFUSED:
+        if name in environ:
+            raise ConfigurationError("the scaler cannot take %s=%s from the environment: %s; unset %s" % (
+                name, environ[name], SCALER_NEEDS, ", ".join(SBATCH_VARIABLES_REFUSED)))
 
 
 class SlurmUnavailable(TransientError):
@@ -4940,17 +4949,20 @@ class SlurmClient:
 
     def runners(self):
         """{job id: state} of the scaler's batch jobs that Slurm still lists, the ones that
-        ended lately included (Slurm keeps them for its MinJobAge)."""
+        ended lately included (Slurm keeps them for its MinJobAge). The operator's SQUEUE_*
+        variables (a partition, an account, a format) would hide runners: squeue gets none."""
         answer = self._run(["squeue", "--noheader", "--all", "--states=all", "--user=%d" % os.getuid(),
-                            "--name=" + self.job_name, "--format=%i %T"]).stdout
+                            "--name=" + self.job_name, "--format=%i %T"],
+                           environ={name: value for name, value in self.environ.items()
+                                    if not name.startswith("SQUEUE_")}).stdout
         return dict(line.split()[:2] for line in answer.splitlines() if len(line.split()) >= 2)
 
-    def _run(self, command, stdin=None):
+    def _run(self, command, stdin=None, environ=None):
         import subprocess
 
         try:
             finished = subprocess.run(command, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      encoding="utf-8", errors="replace", env=self.environ,
+                                      encoding="utf-8", errors="replace", env=environ or self.environ,
                                       timeout=SLURM_COMMAND_TIMEOUT_S)  # a site's message may be in any encoding
         except subprocess.TimeoutExpired:
             raise SlurmUnavailable("%s did not answer within %s" % (command[0], describe_seconds(
@@ -5190,6 +5202,7 @@ def command_slurm(args, environ):
             raise ConfigurationError("cannot read --sbatch-header %s: %s" % (settings.sbatch_header,
                                                                              getattr(error, "strerror", None) or error))
     options = sbatch_options(settings, header_lines)
+    check_sbatch_environment(environ)
     if shutil.which("sbatch", path=environ.get("PATH")) is None:
         raise ConfigurationError("sbatch is not on PATH: run the scaler where Slurm's commands are")
     load_handler_modules(settings.handlers)

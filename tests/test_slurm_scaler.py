@@ -316,6 +316,13 @@ def test_an_sbatch_that_submits_nothing_and_prints_no_job_id_is_a_failure_not_a_
     assert str(failure.value) == "sbatch printed no job id (sbatch: Job 3 to start at 2024-05-01T10:00:00)"
 
 
+def test_squeue_lists_the_runners_whatever_squeue_variables_the_operator_has_set(tmp_path):
+    slurm = slurm_client(tmp_path, squeue='[ -z "$SQUEUE_PARTITION$SQUEUE_CLUSTERS" ] && echo "7 RUNNING"')
+    slurm.environ.update(SQUEUE_PARTITION="other", SQUEUE_CLUSTERS="other")
+
+    assert slurm.runners() == {"7": "RUNNING"}
+
+
 def scaler_against(worker, tmp_path, squeue, max_runners):
     """A SlurmScaler polling the fake worker as a registered runner, with a stand-in squeue
     that prints ``squeue`` and an sbatch that notes each submission in tmp_path/submitted."""
@@ -458,8 +465,11 @@ def test_a_state_directory_whose_lock_file_cannot_be_opened_is_a_configuration_e
     (("--stop-margin", "70000"), "Error: --stop-margin can be at most 65535 s, as sbatch --signal takes"),
     ({"RUNPACK_SBATCH_OPTIONS": "--comment 'unclosed"}, "Error: cannot read RUNPACK_SBATCH_OPTIONS: "),
     (("--sbatch-option", "--job-name runpack"), "Error: the scaler cannot take the sbatch option --job-name: "),
+    ({"SBATCH_ARRAY_INX": "1-4"}, "Error: the scaler cannot take SBATCH_ARRAY_INX=1-4 from the environment: "),
+    ({"SBATCH_CLUSTERS": "other"}, "Error: the scaler cannot take SBATCH_CLUSTERS=other from the environment: "),
     (("--sbatch-header", "HEADER"), "Error: cannot read --sbatch-header "),
-], ids=["refused option", "stop margin", "options variable", "option of two words", "header not utf-8"])
+], ids=["refused option", "stop margin", "options variable", "option of two words", "array variable",
+       "clusters variable", "header not utf-8"])
 def test_bad_sbatch_settings_exit_2_with_one_line_before_anything_starts(tmp_path, setting, message):
     header = tmp_path / "header.sh"
     header.write_bytes(b"#SBATCH --comment caf\xe9\n")

@@ -4872,14 +4872,18 @@ SLURM_ACTIVE_STATES = SLURM_STARTED_STATES + SLURM_STARTING_STATES + SLURM_ON_HO
 # A runner's batch job that ended so that the next would likely end so too: the scaler waits.
 SLURM_RUNNER_FAILED_STATES = {"FAILED": "failed", "OUT_OF_MEMORY": "ran out of its memory",
                               "BOOT_FAIL": "could not start (BOOT_FAIL)"}
-# The batch script: the runner as a child, so that the shell can pass Slurm's warning signal on
-# (--signal=B:TERM@margin reaches the batch shell only) and report a batch limit as success.
+# The batch script: the runner as a child, so that the shell can pass Slurm's warning on as the
+# runner's SIGTERM (--signal=B:USR1@margin reaches the batch shell only) and report a batch limit
+# as success. Slurm's own SIGTERM (scancel, preemption, the time limit) reaches every process of
+# the job, the runner too: passed on again, it would be the runner's second signal, which drops
+# the running job at once instead of finishing it within KillWait or the preemption's GraceTime.
 SLURM_BATCH_SCRIPT = """\
 #!/bin/sh
 # A Runpack runner started by the runpack_runner.py slurm scaler; the key is in the environment.
 {command} &
 runner=$!
-trap 'kill -TERM "$runner" 2>/dev/null' TERM INT
+trap 'kill -TERM "$runner" 2>/dev/null' USR1  # the time limit is near: finish the job, then leave
+trap : TERM INT  # Slurm's SIGTERM reaches the runner itself
 wait "$runner"
 code=$?
 while kill -0 "$runner" 2>/dev/null; do
@@ -5137,7 +5141,7 @@ def sbatch_options(settings, header_lines):
     (given_sbatch_options); sbatch takes the later of two."""
     logs = os.path.join(os.path.abspath(settings.state_dir), "logs").replace("%", "%%")  # % is Slurm's
     options = ["--output=%s" % os.path.join(logs, "runner-%j.out"),
-               "--signal=B:TERM@%d" % -(-settings.stop_margin // 1), "--cpus-per-task=%d" % settings.concurrency]
+               "--signal=B:USR1@%d" % -(-settings.stop_margin // 1), "--cpus-per-task=%d" % settings.concurrency]
     for number, line in enumerate(header_lines, 1):
         if line.strip() and not line.lstrip().startswith("#"):
             break  # sbatch reads no directive after the first command

@@ -365,6 +365,52 @@ def test_a_scaler_that_polled_as_often_as_the_worker_allows_waits_rather_than_po
     assert worker.count("available") == 0
     assert not (tmp_path / "submitted").exists()
 
+
+# A stand-in for the runner in the batch script: notes each SIGTERM, and exits 0 on SIGUSR2.
+SIGNAL_NOTING_RUNNER = """
+import os, signal, sys
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR2})
+def note(line):
+    with open(sys.argv[1], "a") as stream:
+        stream.write(line + "\\n")
+note("started %d" % os.getpid())
+while signal.sigwaitinfo({signal.SIGTERM, signal.SIGUSR2}).si_signo == signal.SIGTERM:
+    note("TERM")
+"""
+
+
+def wait_for_lines(path, predicate, shell):
+    deadline = time.monotonic() + 30
+    while not (os.path.exists(str(path)) and predicate(read(str(path)).splitlines())):
+        assert shell.poll() is None, "the batch script exited with %s" % shell.returncode
+        assert time.monotonic() < deadline, "never came: %s" % (read(str(path)) if os.path.exists(str(path)) else "")
+        time.sleep(0.05)
+    return read(str(path)).splitlines()
+
+
+def test_the_batch_script_passes_the_margin_warning_on_once_and_slurms_sigterm_not_again(tmp_path):
+    """Slurm's SIGTERM goes to every process of the job; the runner must count it once, so that
+    it finishes its job. USR1 (--signal=B:USR1@margin) goes to the shell alone: passed on."""
+    (tmp_path / "runner.py").write_text(SIGNAL_NOTING_RUNNER)
+    noted = tmp_path / "noted"
+    command = "%s %s %s" % (sys.executable, tmp_path / "runner.py", noted)
+    shell = subprocess.Popen(["sh", "-c", runpack_runner.SLURM_BATCH_SCRIPT.format(command=command)])
+    try:
+        runner_pid = int(wait_for_lines(noted, lambda lines: lines, shell)[0].split()[1])
+
+        for pid in (shell.pid, runner_pid):  # as Slurm: scancel, preemption, the time limit
+            os.kill(pid, signal.SIGTERM)
+        wait_for_lines(noted, lambda lines: "TERM" in lines, shell)  # two TERMs pending would be one
+        shell.send_signal(signal.SIGUSR1)  # as --signal=B:USR1@margin
+        wait_for_lines(noted, lambda lines: lines.count("TERM") >= 2, shell)
+        os.kill(runner_pid, signal.SIGUSR2)
+
+        assert shell.wait(30) == 0
+        assert read(str(noted)).splitlines()[1:] == ["TERM", "TERM"], "one from Slurm, one from USR1"
+    finally:
+        if shell.poll() is None:
+            shell.kill()
+
 # ---- What sbatch gets, and the state pool (values only) --------------------------------------------
 
 
@@ -380,7 +426,7 @@ def test_sbatch_gets_the_header_lines_read_as_a_shell_would_then_the_options_giv
               "# SBATCH --partition=ignored", "echo not an option"]
     options = runpack_runner.sbatch_options(sbatch_settings(sbatch_options=["--partition=cpu"]), header)
 
-    assert options == ["--output=/shared/100%% runpack/logs/runner-%j.out", "--signal=B:TERM@300",
+    assert options == ["--output=/shared/100%% runpack/logs/runner-%j.out", "--signal=B:USR1@300",
                        "--cpus-per-task=2", "--time=4:00:00", "--comment", "Runpack runners", "--partition=cpu"]
 
 

@@ -335,8 +335,8 @@ def test_the_array_recipe_as_written_drains_the_queue_each_task_in_a_pool_direct
 @pytest.mark.slow
 def test_the_array_stopped_as_the_recipe_says_finishes_its_running_job_and_ends_completed(
         worker, cluster, home, python3_folder, tmp_path):
-    """`scancel --batch --signal=TERM`: the script passes the signal on, the runner finishes its
-    job and leaves with 0 (a first SIGTERM), and Slurm records the tasks as COMPLETED."""
+    """`scancel --batch --signal=USR1`: the script passes it on as SIGTERM, the runner finishes
+    its job and leaves with 0 (a first SIGTERM), and Slurm records the tasks as COMPLETED."""
     script = array_recipe()
     job_id = worker.add_job("hello_world", {"name": "finished after the signal", "processing_time": 3})
     script_path = tmp_path / "runpack-array.sh"

@@ -714,7 +714,7 @@ def read_answer(where, status, raw, location):
     if status >= 500 or status == 408:
         raise TransientWorkerError("%s: worker error %d %s" % (where, status, message), status)
     if status == 401:
-        raise WorkerKeyRejected("%s: the worker rejected the runner key (%s)" % (where, message), status)
+        raise WorkerKeyRejected("%s: the worker rejected the runner key (%s)" % (where, message), status, body)
     if status >= 400:
         raise WorkerRejected("%s: %d %s" % (where, status, message), status, body)
     if not isinstance(body, dict):
@@ -793,7 +793,10 @@ class WorkerClient:
         self.base_url, self.timeout, self.runner_id = base_url, timeout, runner_id
         self._api_key = api_key  # None: only health() can be asked
         self._transport = HttpTransport(api_key)
-        self.on_answer = lambda endpoint, status: None  # told of every request: the status, or None
+        # Told of every request: its endpoint, the status (None: no answer), and whether the
+        # answer shows a working Runpack worker: its JSON (a 2xx the verb reads, or its own 4xx
+        # error), or a 429. A proxy's error page, or a 2xx that is not the worker's, does not.
+        self.on_answer = lambda endpoint, status, working: None
 
     def __repr__(self):
         return "WorkerClient(%r, runner_id=%r)" % (self.base_url, self.runner_id)
@@ -886,13 +889,19 @@ class WorkerClient:
             status, raw, location = self._transport.exchange(method, self.base_url + path, body, headers,
                                                              timeout or self.timeout)
         except self._transport.network_errors as error:
-            self.on_answer(endpoint, None)
+            self.on_answer(endpoint, None, False)
             raise TransientWorkerError("%s: cannot reach the worker (%s)" % (where, _reason(error)))
-        self.on_answer(endpoint, status)
+        working = False
         try:
             answer = read_answer(where, status, raw, location)
-            return read(answer) if read else answer
+            result = read(answer) if read else answer
+            working = True
+            return result
+        except WorkerRejected as rejected:
+            working = isinstance(rejected.body, dict)  # the worker's own JSON error
+            raise
         except TransientWorkerError as error:
+            working = status == 429
             if first_contact and 200 <= status < 300:
                 raise WorkerRejected("%s; the URL answers, but not as a Runpack worker" % error, status)
             if first_contact and status >= 500 and not _is_json(raw):
@@ -900,6 +909,8 @@ class WorkerClient:
                                            "this is an outage — check --worker-url" % (
                                                self.base_url, status, describe_answer(raw)), status)
             raise
+        finally:
+            self.on_answer(endpoint, status, working)
 
 
 class RetryBackoff:
@@ -3990,13 +4001,15 @@ class RunnerMetrics:
         self.durations = collections.defaultdict(JobDurations)  # job type -> its histogram
         self.requests = collections.Counter()  # (endpoint, status, or "unreachable") -> requests
         self.claims_lost = 0
-        self.last_answer = None  # time.monotonic() of the worker's last answer, of any status
+        self.last_answer = None  # time.monotonic() of the last answer that showed a working worker
         self._lock = threading.Lock()
 
-    def worker_answered(self, endpoint, status):
+    def worker_answered(self, endpoint, status, working):
+        """Every request counts by its status; only an answer that shows a working worker
+        (see WorkerClient.on_answer) counts for /healthz."""
         with self._lock:
             self.requests[endpoint, "unreachable" if status is None else str(status)] += 1
-            if status is not None:
+            if working:
                 self.last_answer = time.monotonic()
 
     def job_ended(self, job_type, outcome, seconds=None):
@@ -4032,7 +4045,8 @@ class RunnerMetrics:
             ("runpack_worker_requests_total", "counter",
              "Requests to the worker, by endpoint and HTTP status (unreachable: no answer).",
              [("", {"endpoint": endpoint, "status": code}, count) for (endpoint, code), count in requests]),
-            ("runpack_worker_last_answer_seconds", "gauge", "Seconds since the worker last answered.",
+            ("runpack_worker_last_answer_seconds", "gauge",
+             "Seconds since the worker last answered as a working Runpack worker.",
              [("", {}, time.monotonic() - self.last_answer)] if self.last_answer is not None else []),
             ("runpack_reports_pending", "gauge", "Reports kept in the state directory, not yet accepted.",
              [("", {}, status.reports_pending)]),
@@ -4068,9 +4082,10 @@ def _host_and_port(address):
 
 
 class RunnerHealth:
-    """/healthz: healthy while the worker answers (any status: a 429 is an answer too) or the
-    runner retries within its policy; not once it has gone unanswered for longer than a
-    working runner ever does (HEALTH_SILENCE_FACTOR), nor while it stops."""
+    """/healthz: healthy while the worker answers as a working Runpack worker (its JSON, a 429
+    too) or the runner retries within its policy; not once no such answer has come for longer
+    than a working runner ever goes without one (HEALTH_SILENCE_FACTOR), nor while it stops.
+    A proxy's error page or a 5xx is no such answer: it says nothing of the worker."""
 
     def __init__(self, metrics, settings):
         self.metrics = metrics
@@ -4084,8 +4099,8 @@ class RunnerHealth:
         last = self.metrics.last_answer
         silent = time.monotonic() - (self.metrics.started if last is None else last)
         if silent > self.silence_limit:
-            return 503, "the worker has not answered for %s (more than %s); see the runner's log" % (
-                describe_seconds(silent), describe_seconds(self.silence_limit))
+            return 503, ("the worker has not answered as a Runpack worker for %s (more than %s); see the "
+                         "runner's log" % (describe_seconds(silent), describe_seconds(self.silence_limit)))
         if last is None:
             return 200, "ok: starting, the worker has not answered yet"
         return 200, "ok: the worker answered %s ago" % describe_seconds(silent)

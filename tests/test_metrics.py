@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import runpack_runner
 from conftest import RUNNER_KEY, TEST_JOB_TYPES, relay_environment, run_cli
+from fake_worker import _HTTPService, _Reply
 
 pytestmark = pytest.mark.slow  # every test starts the runner CLI as a subprocess
 
@@ -34,6 +35,7 @@ BUCKET_BOUNDS = ["0.1", "0.5", "1", "5", "10", "30", "60", "300", "900", "3600",
 EXIT_USAGE = 2
 SERVING = re.compile(r"Serving /metrics and /healthz on http://(\[[^\]]+\]|[^:/\s]+):(\d+)/")
 NOT_CLAIMED_BY_RUNNER = {"success": False, "message": "Job not found or not claimed by this runner"}
+BAD_GATEWAY_PAGE = b"<html><body><h1>502 Bad Gateway</h1></body></html>"
 CLAIM_CONFLICT = {"success": False, "message": "Job already claimed or not found"}
 
 
@@ -149,6 +151,14 @@ def status_is(worker, job_id, status):
 def log_text(runner):
     with open(os.path.join(runner.state_dir, "runpack_runner.log"), encoding="utf-8") as stream:
         return stream.read()
+
+
+class BadGatewayServer(_HTTPService):
+    """Answers every request 502 with an HTML page, as a proxy whose worker is down (or a URL that
+    was never a Runpack worker's) would."""
+
+    def _serve(self, handler, incoming):
+        self._send(handler, incoming.record, _Reply(502, raw=BAD_GATEWAY_PAGE, content_type="text/html"))
 
 
 @pytest.fixture
@@ -346,6 +356,34 @@ def test_healthz_is_503_once_the_worker_stops_answering_and_200_again_once_it_an
     worker.come_up()
     status, line = health_until(runner, 200)
     assert line.startswith("ok: ")
+    assert runner.stop() == 0
+
+
+def test_healthz_is_503_when_every_answer_is_a_502_page_and_the_runner_never_registered(start_runner):
+    with BadGatewayServer() as proxy:
+        runner = start_runner(*LISTEN + QUICK_HEALTH, worker_url=proxy.url)
+        status, line = health_until(runner, 503)
+        assert line.startswith("the worker has not answered as a Runpack worker for "), line
+        assert scrape(runner).value("runpack_worker_requests_total", endpoint="register", status="502") >= 1, \
+            "every request still counts by its status"
+        assert "runpack_worker_last_answer_seconds" not in {name for name, _ in scrape(runner).samples}
+        assert runner.stop() == 0
+
+
+@pytest.mark.parametrize("fault", [dict(kind="status", status=502), dict(kind="garbage", route="available")],
+                         ids=["502 to every request", "200 html page to available"])
+def test_healthz_is_503_once_the_worker_answers_only_with_errors_or_pages_not_its_own(
+        worker, start_runner, fault):
+    runner = start_runner(*LISTEN + QUICK_HEALTH)
+    worker.wait_until(lambda: worker.count("available", status=200) >= 1)
+    assert health_until(runner, 200)[1].startswith("ok: ")
+    worker.add_fault(times=None, **fault)
+    status, line = health_until(runner, 503)
+    assert line.startswith("the worker has not answered as a Runpack worker for "), line
+    assert scrape(runner).value("runpack_worker_requests_total", endpoint="available",
+                                status=str(fault.get("status", 200))) >= 1
+    worker.clear_faults()
+    assert health_until(runner, 200)[1].startswith("ok: ")
     assert runner.stop() == 0
 
 

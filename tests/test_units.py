@@ -1003,6 +1003,27 @@ def test_client_rate_limited_answer_carries_the_wait(worker):
     assert caught.value.status == 429 and 0.0 <= caught.value.retry_after <= 2.0
 
 
+@pytest.mark.parametrize("fault, status, working", [
+    (None, 200, True),
+    (dict(kind="status", status=400, body={"error": "Invalid request"}), 400, True),
+    (dict(kind="rate_limit"), 429, True),
+    (dict(kind="status", status=502, body={"error": "Bad gateway"}), 502, False),
+    (dict(kind="garbage"), 200, False),
+    (dict(kind="bad_shape", body={"unexpected": True}), 200, False)],
+    ids=["jobs", "worker's 4xx", "429", "502", "200 html page", "200 other json"])
+def test_client_tells_which_answers_show_a_working_worker(worker, fault, status, working):
+    answers = []
+    client = client_for(worker, worker.register_runner())
+    client.on_answer = lambda endpoint, *answer: answers.append((endpoint,) + answer)
+    if fault:
+        worker.add_fault(route="available", **fault)
+    try:
+        client.available(["hello_world"])
+    except runpack_runner.WorkerError:
+        pass
+    assert answers == [("available", status, working)]
+
+
 @pytest.mark.parametrize("fault, expected", [
     (dict(kind="status", status=503, body={"error": "bad key " + RUNNER_KEY}), runpack_runner.TransientWorkerError),
     (dict(kind="status", status=400, body={"error": "bad key " + RUNNER_KEY}), runpack_runner.WorkerRejected),

@@ -194,7 +194,8 @@ SETTINGS = (
     Setting("poll_interval_step", "--poll-interval-step", "RUNPACK_POLL_INTERVAL_STEP", 2.0,
             _parse_seconds, "a number of seconds", "added to the wait after each empty poll"),
     Setting("poll_interval_max", "--poll-interval-max", "RUNPACK_POLL_INTERVAL_MAX", 60.0,
-            _parse_seconds, "a number of seconds", "longest wait between empty polls"),
+            _parse_seconds, "a number of seconds",
+            "longest wait between empty polls (a longer --poll-interval is the first wait only)"),
     Setting("heartbeat_interval", "--heartbeat-interval", "RUNPACK_HEARTBEAT_INTERVAL", 30.0,
             _parse_positive_seconds, "a number of seconds above 0", "time between heartbeats while a job runs"),
     Setting("request_timeout", "--request-timeout", "RUNPACK_REQUEST_TIMEOUT", 30.0,
@@ -3924,13 +3925,43 @@ class PollPacer:
         return max(waits)
 
 
+class PollWaits:
+    """An idle runner's waits between empty polls: --poll-interval after a job (and at the
+    start), then --poll-interval-step longer after each empty poll, up to --poll-interval-max.
+    A --poll-interval above the max is the first wait only: the waits after it are the max."""
+
+    def __init__(self, settings):
+        self.first, self.step, self.most = (settings.poll_interval, settings.poll_interval_step,
+                                            settings.poll_interval_max)
+        self.longest = max(self.first, self.most)
+        self._next = self.first
+
+    def restart(self):
+        """A job came: the next empty poll waits the first wait again."""
+        self._next = self.first
+
+    def take(self):
+        """The wait after this empty poll; the one after the next is longer, up to the max."""
+        wait, self._next = self._next, min(self._next + self.step, self.most)
+        return wait
+
+    def describe(self):
+        """The waits from the first on, as the idle runner's first line gives them."""
+        if self.first > self.most:
+            return "again in %s, then every %s" % (describe_seconds(self.first), describe_seconds(self.most))
+        if self.first == self.most or not self.step:
+            return "every %s" % describe_seconds(self.first)
+        return "every %s or more" % describe_seconds(self.first)
+
+
 class IdleLog:
     """What an idle runner says: one line when it goes idle, then a summary every ten
     minutes; each empty poll only at DEBUG (--verbose)."""
 
     SUMMARY_INTERVAL_S = 600.0
 
-    def __init__(self):
+    def __init__(self, poll_waits):
+        self.poll_waits = poll_waits
         self._idle = False
         self._polls, self._counting_since = 0, None
 
@@ -3942,7 +3973,7 @@ class IdleLog:
         now = time.monotonic()
         if not self._idle:
             self._idle, self._polls, self._counting_since = True, 0, now
-            LOG.info("No jobs available; polling every %s or more until one comes", describe_seconds(next_wait))
+            LOG.info("No jobs available; polling %s until one comes", self.poll_waits.describe())
         self._polls += 1
         if now - self._counting_since >= self.SUMMARY_INTERVAL_S:
             LOG.info("Still no jobs: %d polls in the last %.0f minutes", self._polls,
@@ -4087,9 +4118,9 @@ class RunnerHealth:
     than a working runner ever goes without one (HEALTH_SILENCE_FACTOR), nor while it stops.
     A proxy's error page or a 5xx is no such answer: it says nothing of the worker."""
 
-    def __init__(self, metrics, settings):
+    def __init__(self, metrics, settings, longest_poll_wait):
         self.metrics = metrics
-        longest_gap = max(settings.poll_interval_max, settings.heartbeat_interval)  # a busy runner only beats
+        longest_gap = max(longest_poll_wait, settings.heartbeat_interval)  # a busy runner only beats
         self.silence_limit = HEALTH_SILENCE_FACTOR * (longest_gap + settings.retry_max + settings.request_timeout)
 
     def check(self, status):
@@ -4181,7 +4212,8 @@ class Runner:
         self.spreading = ClaimSpreading()
         self.notices = NewJobNotices(relay, self.waker)
         self.pacer = PollPacer()
-        self.idle_log = IdleLog()
+        self.poll_waits = PollWaits(settings)
+        self.idle_log = IdleLog(self.poll_waits)
         self.job_limits = JobLimits.from_settings(settings)
         self.launcher = new_job_launcher(settings.in_process, settings.handlers, self.job_limits,
                                          not settings.no_warm_imports)
@@ -4230,7 +4262,8 @@ class Runner:
         if self.settings.listen:
             try:
                 self.status_server = StatusServer(self.settings.listen, self.metrics,
-                                                  RunnerHealth(self.metrics, self.settings), self.status)
+                                                  RunnerHealth(self.metrics, self.settings, self.poll_waits.longest),
+                                                  self.status)
             except ConfigurationError as error:
                 LOG.error("%s; stopping", error)
                 return EXIT_USAGE
@@ -4312,23 +4345,22 @@ class Runner:
     # -- the loop
 
     def _serve(self):
-        interval = self.settings.poll_interval
         while not self._decide_stop():
             if self._slots_full():
                 self._wait_for_a_slot()
                 continue
             if self.retrying.call(self._poll_round, "Cannot take jobs yet"):
-                interval = self.settings.poll_interval
+                self.poll_waits.restart()
                 self.idle_log.busy()
                 continue
             if self._decide_stop(idle=True):
                 break
             if not self.notices.waiting:
-                self.idle_log.empty_poll(interval)
+                wait = self.poll_waits.take()
+                self.idle_log.empty_poll(wait)
                 if self.launcher is not None and not self._running():
                     self.launcher.rest()
-                self._sleep_until_limit(interval, until=lambda: self.notices.waiting)
-                interval = min(interval + self.settings.poll_interval_step, self.settings.poll_interval_max)
+                self._sleep_until_limit(wait, until=lambda: self.notices.waiting)
             if self.notices.waiting:  # a fleet woken by one notice does not poll all at once
                 self._sleep_until_limit(self.notices.delay())
 

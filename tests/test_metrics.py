@@ -402,6 +402,18 @@ def test_healthz_stays_200_while_a_busy_runner_waits_for_its_first_heartbeat(wor
     assert runner.stop() == 0
 
 
+def test_healthz_stays_200_while_an_idle_runner_waits_a_poll_interval_longer_than_the_max(worker, start_runner):
+    runner = start_runner(*LISTEN + QUICK_HEALTH, "--poll-interval", "8")
+    worker.wait_until(lambda: worker.count("available", status=200) == 1)
+    polled_at = [record.at for record in worker.requests if record.route == "available"][-1]
+    silence_limit = 2 * (0.5 + 0.3 + 1)  # what /healthz allowed when it forgot the first wait
+    time.sleep(max(0.0, polled_at + silence_limit + 0.5 - time.monotonic()))
+    status, _, body = fetch(runner, "/healthz")
+    assert worker.count("available") == 1, "the runner waits 8 s after its first empty poll"
+    assert (status, body[:4]) == (200, "ok: "), body
+    assert runner.stop() == 0
+
+
 def test_healthz_says_stopping_while_a_signalled_runner_finishes_its_job(worker, start_runner, gate):
     job_id = worker.add_job("held", {"gate": str(gate)})
     runner = start_runner(*HANDLERS + LISTEN)

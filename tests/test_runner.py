@@ -142,6 +142,14 @@ def test_empty_polls_back_off_by_the_step_up_to_the_cap_and_reset_after_a_job(wo
     assert gaps[0] >= 0.1 and gaps[1] >= 0.2 and gaps[2] >= 0.3
 
 
+def test_a_poll_interval_above_the_max_is_the_first_wait_only_and_the_idle_line_says_so(worker, start_runner):
+    runner = start_runner("--poll-interval", "0.6", "--poll-interval-max", "0.2", "--verbose")
+    worker.wait_until(lambda: worker.count("available") >= 4)
+    assert runner.stop() == 0
+    assert "No jobs available; polling again in 0.6 s, then every 0.2 s until one comes" in runner.output
+    assert re.findall(r"No jobs available; next poll in ([\d.]+) s", runner.output)[:3] == ["0.6", "0.2", "0.2"]
+
+
 def test_only_job_types_this_runner_can_run_are_polled_and_registered(worker, start_runner):
     start_runner(*HANDLERS)
     worker.wait_until(lambda: worker.count("available") >= 1)

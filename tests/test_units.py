@@ -1112,6 +1112,25 @@ def test_lanes_are_the_same_in_every_runner_process():
     assert len(outputs) == 1
 
 
+def poll_waits(first, step, most):
+    return runpack_runner.PollWaits(types.SimpleNamespace(
+        poll_interval=first, poll_interval_step=step, poll_interval_max=most))
+
+
+def test_empty_poll_waits_grow_by_the_step_up_to_the_max_and_restart_after_a_job():
+    waits = poll_waits(10, 2, 14)
+    assert [waits.take() for _ in range(4)] == [10, 12, 14, 14]
+    waits.restart()
+    assert waits.take() == 10
+    assert (waits.longest, waits.describe()) == (14, "every 10 s or more")
+
+
+def test_a_poll_interval_above_the_max_is_the_first_wait_only_and_the_longest():
+    waits = poll_waits(8, 2, 1)
+    assert [waits.take() for _ in range(3)] == [8, 1, 1]
+    assert (waits.longest, waits.describe()) == (8, "again in 8 s, then every 1 s")
+
+
 def test_the_poll_pacer_lets_the_first_poll_go_at_once_then_keeps_a_gap():
     pacer = runpack_runner.PollPacer()
     assert pacer.wait_before_poll() == 0

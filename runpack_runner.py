@@ -4724,7 +4724,8 @@ class Checklist:
 
     def problem(self, label, text):
         self.line(label, "PROBLEM: " + text)
-        self.problems.append(label)
+        if label not in self.problems:
+            self.problems.append(label)
 
 
 def command_check(args, environ, out=None):
@@ -4734,6 +4735,7 @@ def command_check(args, environ, out=None):
     settings = resolve_settings(args, CHECK_SETTINGS, environ)
     checklist.line("Runpack runner", __version__)
     checklist.line("Python", "%s (%s)" % (sys.version.split()[0], sys.executable))
+    _check_runner_settings(checklist, args, environ)
     checklist.line("Worker URL", settings.worker_url)
     try:
         worker_url = check_worker_url(settings.worker_url, settings.allow_insecure_http)
@@ -4792,6 +4794,17 @@ def command_check(args, environ, out=None):
         return EXIT_FAILURE
     checklist.line("Result", "ready to serve %s" % ", ".join(serving))
     return EXIT_OK
+
+
+def _check_runner_settings(checklist, args, environ):
+    """The runner's own settings that check has no flags for, read from the environment as
+    `runner` reads them: one that runner would refuse is a problem here."""
+    for name in RUNNER_SETTINGS:
+        if name not in CHECK_SETTINGS:
+            try:
+                resolve_settings(args, (name,), environ)
+            except ConfigurationError as error:
+                checklist.problem("Settings", str(error))
 
 
 def _check_job_processes(checklist, launcher):

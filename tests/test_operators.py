@@ -167,6 +167,20 @@ def test_check_is_ready_to_serve_exactly_the_named_job_types(worker, tmp_path, n
     assert check_lines(result, "Result") == ["Result           ready to serve hello_world"]
 
 
+@pytest.mark.parametrize("variable, value", [
+    ("RUNPACK_LISTEN", "abc"), ("RUNPACK_POLL_INTERVAL", "abc"), ("RUNPACK_ONCE", "maybe")])
+def test_check_is_not_ready_when_a_runner_setting_in_the_environment_is_one_the_runner_refuses(
+        worker, tmp_path, variable, value):
+    env = dict(WITH_KEY, **{variable: value})
+    refused = run_cli("runner", "--worker-url", worker.url, "--state-dir", str(tmp_path / "state"), env=env)
+    assert refused.returncode == 2
+    result = run_cli("check", "--worker-url", worker.url, "--state-dir", str(tmp_path / "state"), *HANDLERS,
+                     env=env)
+    assert result.returncode == 1, result.stdout
+    assert check_lines(result, "Settings") == ["Settings         PROBLEM: " + refused.stderr.strip()[len("Error: "):]]
+    assert check_lines(result, "Result") == ["Result           NOT READY: fix Settings"]
+
+
 # ---- A worker URL that answers with an HTML error page ------------------------------
 
 

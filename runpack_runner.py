@@ -137,6 +137,7 @@ def _parse_listen(text):
         raise ValueError(text)
     if not port.isdigit() or int(port) > 65535 or any(character in host for character in "/ []"):
         raise ValueError(text)
+    host.encode("idna")  # a name that sockets cannot encode ("é..x") raises UnicodeError, a ValueError
     return host or "127.0.0.1", int(port)
 
 

@@ -527,8 +527,10 @@ def test_without_listen_the_runner_serves_nothing(worker, start_runner):
     (("--listen", "127.0.0.1:"), {}),
     (("--listen", "::1"), {}),
     (("--listen", "127.0.0.1:0:0"), {}),
+    (("--listen", "é..x:9400"), {}),
     ((), {"RUNPACK_LISTEN": "nope"}),
-], ids=["not a port", "port over 65535", "no port", "ipv6 without brackets", "two ports", "RUNPACK_LISTEN"])
+], ids=["not a port", "port over 65535", "no port", "ipv6 without brackets", "two ports", "non-ascii bad host",
+        "RUNPACK_LISTEN"])
 def test_a_bad_listen_value_is_one_line_and_exit_2(worker, tmp_path, flags, env):
     result = run_cli("runner", "--worker-url", worker.url, "--state-dir", str(tmp_path), *flags,
                      env=dict(env, RUNPACK_RUNNER_API_KEY=RUNNER_KEY))

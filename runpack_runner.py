@@ -649,6 +649,11 @@ class WorkerKeyRejected(WorkerRejected):
     """401: the worker does not accept our key."""
 
 
+class UnauthorizedNotByTheWorker(WorkerKeyRejected):
+    """A 401 that is not the worker's JSON (a proxy's login page, say): the runner stops as
+    for a rejected key, but what to fix is the URL, not the key."""
+
+
 NOT_CLAIMED_BY_US = "not claimed by this runner"
 RATE_LIMIT_WINDOW_S = 60.0  # the worker's rate-limit window: no 429 asks for a longer wait
 NO_SUCH_RUNNER_ID = "00000000-0000-4000-8000-000000000000"  # asks the worker about the key alone
@@ -715,6 +720,9 @@ def read_answer(where, status, raw, location):
         raise TransientWorkerError("%s: rate limited by the worker" % where, status, wait)
     if status >= 500 or status == 408:
         raise TransientWorkerError("%s: worker error %d %s" % (where, status, message), status)
+    if status == 401 and not isinstance(body, dict):  # the worker's own 401s are JSON
+        raise UnauthorizedNotByTheWorker("%s: the URL answers 401 with %s, not as a Runpack worker" % (
+            where, describe_answer(raw)), status)
     if status == 401:
         raise WorkerKeyRejected("%s: the worker rejected the runner key (%s)" % (where, message), status, body)
     if status >= 400:
@@ -4283,6 +4291,9 @@ class Runner:
             self._wait_for_slots()
             if self._stop_code == EXIT_JOBS_DONE and not self.shutdown.immediate:
                 LOG.info("Stopping: %s", self._stop_reason)
+        except UnauthorizedNotByTheWorker as error:
+            LOG.error("%s; stopping. Check --worker-url (a proxy that asks for a login?)", error)
+            return EXIT_USAGE
         except WorkerKeyRejected as error:
             LOG.error("%s; stopping. Check RUNPACK_RUNNER_API_KEY and start the runner again", error)
             return EXIT_KEY_REJECTED
@@ -4856,6 +4867,9 @@ def _check_worker(checklist, client, identity, key_is_set):
     except TransientWorkerError as error:
         checklist.problem("Worker", "not reachable: %s" % error)
         return
+    except UnauthorizedNotByTheWorker as error:
+        checklist.problem("Worker", "%s: check the worker URL" % error)
+        return
     except WorkerError as error:
         checklist.problem("Worker", "answers, but not as a Runpack worker: %s" % error)
         return
@@ -4866,6 +4880,9 @@ def _check_worker(checklist, client, identity, key_is_set):
             known = client.verify(identity["runner_id"])
         else:
             client.check_key()
+    except UnauthorizedNotByTheWorker as error:
+        checklist.problem("Worker", "%s: check the worker URL" % error)
+        return
     except WorkerKeyRejected:
         checklist.problem("Runner key", "the worker rejected it (401): check %s" % API_KEY_ENV)
         return

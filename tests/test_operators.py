@@ -18,6 +18,7 @@ pytestmark = pytest.mark.slow  # most tests start the runner CLI as a subprocess
 HANDLERS = ("--handlers", TEST_JOB_TYPES)
 WITH_KEY = {"RUNPACK_RUNNER_API_KEY": RUNNER_KEY}
 NOT_IMPLEMENTED_PAGE = b"<html><body>Not Implemented</body></html>"
+LOGIN_PAGE = b"<!DOCTYPE html><html><head><title>Sign in</title></head><body>Sign in</body></html>"
 
 
 # ---- Helpers ----------------------------------------------------------------------
@@ -35,6 +36,13 @@ class NotImplementedServer(_HTTPService):
 def not_implemented_server():
     with NotImplementedServer() as server:
         yield server
+
+
+class LoginPageServer(_HTTPService):
+    """Answers every request 401 with an HTML sign-in page, as a proxy that asks for a login would."""
+
+    def _serve(self, handler, incoming):
+        self._send(handler, incoming.record, _Reply(401, raw=LOGIN_PAGE, content_type="text/html"))
 
 
 @pytest.fixture
@@ -205,6 +213,28 @@ def test_verbose_logs_each_retry_of_the_same_failure_at_debug(start_runner, not_
     lines = [line for line in log_text(runner).splitlines() if "answers 501 with an HTML page" in line]
     assert [line for line in lines if "] WARNING: " in line] == lines[:1], "one warning, the first"
     assert len([line for line in lines if "] DEBUG: " in line]) >= 3, "every later try at DEBUG"
+
+
+def test_a_worker_url_answering_401_with_a_login_page_exits_2_saying_so_not_that_the_key_was_rejected(
+        start_runner):
+    with LoginPageServer() as proxy:
+        runner = start_runner(worker_url=proxy.url)
+        assert runner.wait() == 2
+        assert proxy.count("register") == 1, "not retried"
+    errors = [line for line in runner.output.splitlines() if "] ERROR: " in line]
+    assert len(errors) == 1, runner.output
+    assert errors[0].endswith("ERROR: POST /api/runner/register: the URL answers 401 with an HTML page, not as a "
+                              "Runpack worker; stopping. Check --worker-url (a proxy that asks for a login?)")
+    assert "rejected the runner key" not in runner.output and "((" not in runner.output
+
+
+def test_check_says_a_401_login_page_is_not_the_worker(tmp_path):
+    with LoginPageServer() as proxy:
+        result = run_cli("check", "--worker-url", proxy.url, "--state-dir", str(tmp_path), env=WITH_KEY)
+    assert result.returncode == 1
+    assert "Worker           PROBLEM: GET /health: the URL answers 401 with an HTML page, not as a Runpack worker: " \
+           "check the worker URL" in check_lines(result, "Worker")
+    assert "rejected" not in result.stdout
 
 
 # ---- Exit codes and the systemd recipe -----------------------------------------------

@@ -524,7 +524,16 @@ def test_answer_401_means_the_key_was_rejected():
     with pytest.raises(runpack_runner.WorkerKeyRejected) as caught:
         read(401, {"error": "Invalid API key"})
     assert isinstance(caught.value, runpack_runner.WorkerRejected)
-    assert caught.value.status == 401 and str(caught.value).startswith(WHERE)
+    assert not isinstance(caught.value, runpack_runner.UnauthorizedNotByTheWorker)
+    assert caught.value.status == 401
+    assert str(caught.value) == WHERE + ": the worker rejected the runner key (Invalid API key)"
+
+
+def test_answer_401_with_an_html_page_is_not_the_worker_rejecting_the_key():
+    with pytest.raises(runpack_runner.UnauthorizedNotByTheWorker) as caught:
+        read(401, b"<!DOCTYPE html><html><head><title>Sign in</title></head></html>")
+    assert caught.value.status == 401
+    assert str(caught.value) == WHERE + ": the URL answers 401 with an HTML page, not as a Runpack worker"
 
 
 @pytest.mark.parametrize("status, body, decoded", [

@@ -1634,7 +1634,7 @@ class HelloWorldJob(JobHandler):
             raise ValueError("processing_time must be a number between 0 and %d"
                              % self.MAX_PROCESSING_TIME)
         console = [timestamped("Starting hello_world job for %s" % name),
-                   timestamped("Processing time: %s seconds" % processing_time)]
+                   timestamped("Processing time: %s second%s" % (processing_time, "s" * (processing_time != 1)))]
         heartbeat_callback(progress_current=0, progress_total=100, console_output="\n".join(console))
         step = getattr(heartbeat_callback, "heartbeat_interval", 30.0) or 30.0
         started = time.monotonic()

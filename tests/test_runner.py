@@ -7,7 +7,7 @@ import signal
 
 import pytest
 
-from conftest import RUNNER_KEY, TEST_JOB_TYPES, find_python
+from conftest import RUNNER_KEY, TEST_JOB_TYPES, find_python, run_cli
 
 pytestmark = pytest.mark.slow  # every test starts the runner CLI as a subprocess
 
@@ -48,6 +48,12 @@ def test_hello_world_completes_with_output_console_and_progress(worker, start_ru
     assert len(job["heartbeats"]) >= 2
     assert job["reports"] == [("complete", job["reports"][0][1])]
     assert runner.stop() == 0
+
+
+def test_hello_world_says_a_processing_time_of_1_in_the_singular():
+    result = run_cli("run", "hello_world", "name=Alice", "processing_time=1")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"\] Processing time: 1 second$", result.stderr, re.MULTILINE), result.stderr
 
 
 def test_a_silent_handler_keeps_its_claim_through_runner_heartbeats(worker, start_runner):

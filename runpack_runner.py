@@ -4146,9 +4146,13 @@ class RunnerHealth:
         return 200, "ok: the worker answered %s ago" % describe_seconds(silent)
 
 
+PROMETHEUS_TEXT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+PLAIN_TEXT_TYPE = "text/plain; charset=utf-8"
+
+
 class StatusServer:
-    """--listen: /metrics and /healthz on a stdlib HTTP server in a daemon thread. ``status()``
-    gives the runner's RunnerStatus at each request."""
+    """--listen: /metrics and /healthz (GET or HEAD) on a stdlib HTTP server in a daemon thread.
+    ``status()`` gives the runner's RunnerStatus at each request."""
 
     def __init__(self, address, metrics, health, status):
         import http.server
@@ -4156,14 +4160,18 @@ class StatusServer:
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
+            def do_GET(self, send_body=True):
                 code, body, kind = server.answer(self.path.split("?")[0])
                 data = body.encode("utf-8")
                 self.send_response(code)
                 self.send_header("Content-Type", kind)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                self.wfile.write(data)
+                if send_body:
+                    self.wfile.write(data)
+
+            def do_HEAD(self):  # what a probe or `curl -I` may ask: the GET's answer without its body
+                self.do_GET(send_body=False)
 
             def log_message(self, format, *args):  # a scrape every few seconds is no news
                 pass
@@ -4187,13 +4195,13 @@ class StatusServer:
         self.httpd.server_close()
 
     def answer(self, path):
-        """(HTTP status, body, content type) for a GET of ``path``."""
+        """(HTTP status, body, content type) for a GET of ``path`` (a HEAD sends all but the body)."""
         if path == "/metrics":
-            return 200, prometheus_text(self.metrics.families(self.status())), "text/plain; version=0.0.4"
+            return 200, prometheus_text(self.metrics.families(self.status())), PROMETHEUS_TEXT_TYPE
         if path == "/healthz":
             code, line = self.health.check(self.status())
-            return code, line + "\n", "text/plain"
-        return 404, "not found: try /metrics or /healthz\n", "text/plain"
+            return code, line + "\n", PLAIN_TEXT_TYPE
+        return 404, "not found: try /metrics or /healthz\n", PLAIN_TEXT_TYPE
 
 
 # ---- The runner loop: identity, poll, claim, signals -------------------------------

@@ -49,12 +49,12 @@ def served_address(runner):
     return host.strip("[]"), int(port)
 
 
-def fetch(runner, path):
-    """(status, Content-Type, body) of a GET of ``path`` from the runner's --listen address."""
+def fetch(runner, path, method="GET"):
+    """(status, Content-Type, body) of a GET (or ``method``) of ``path`` from the runner's --listen address."""
     host, port = served_address(runner)
     connection = http.client.HTTPConnection(host, port, timeout=10)
     try:
-        connection.request("GET", path)
+        connection.request(method, path)
         response = connection.getresponse()
         return response.status, response.getheader("Content-Type"), response.read().decode("utf-8")
     finally:
@@ -95,7 +95,7 @@ class Scrape:
 def scrape(runner):
     status, content_type, body = fetch(runner, "/metrics")
     assert status == 200, body
-    assert content_type == "text/plain; version=0.0.4"
+    assert content_type == "text/plain; version=0.0.4; charset=utf-8"
     return Scrape(body)
 
 
@@ -448,6 +448,15 @@ def test_paths_other_than_metrics_and_healthz_are_404(worker, start_runner):
         status, _, body = fetch(runner, path)
         assert status == 404, "%s answered %d: %s" % (path, status, body)
     assert fetch(runner, "/metrics?format=text")[0] == 200
+    assert runner.stop() == 0
+
+
+def test_head_of_metrics_and_healthz_answers_as_a_get_does_without_the_body(worker, start_runner):
+    runner = start_runner(*LISTEN)
+    worker.wait_until(lambda: worker.count("available", status=200) >= 1)
+    assert fetch(runner, "/metrics", method="HEAD") == (200, "text/plain; version=0.0.4; charset=utf-8", "")
+    assert fetch(runner, "/healthz", method="HEAD") == (200, "text/plain; charset=utf-8", "")
+    assert fetch(runner, "/nothing", method="HEAD")[0] == 404
     assert runner.stop() == 0
 
 

@@ -4005,9 +4005,10 @@ HEALTH_SILENCE_FACTOR = 2
 
 RELAY_STATES = ("connecting", "listening", "retrying", "key rejected")  # see RelaySubscriber.state
 # What the runner is at when scraped: its slots, the reports on disk, its relay subscription ("" when
-# none), and why it stops ("" while it does not).
+# none), why it stops ("" while it does not), and whether it stops its jobs now (a second signal)
+# rather than finishing them.
 RunnerStatus = collections.namedtuple("RunnerStatus", "slots slots_busy reports_pending relay_state relay_notices "
-                                                      "stopping")
+                                                      "stopping stopping_now")
 
 
 class JobDurations:
@@ -4124,8 +4125,9 @@ def _host_and_port(address):
 class RunnerHealth:
     """/healthz: healthy while the worker answers as a working Runpack worker (its JSON, a 429
     too) or the runner retries within its policy; not once no such answer has come for longer
-    than a working runner ever goes without one (HEALTH_SILENCE_FACTOR), nor while it stops.
-    A proxy's error page or a 5xx is no such answer: it says nothing of the worker."""
+    than a working runner ever goes without one (HEALTH_SILENCE_FACTOR). A proxy's error page or
+    a 5xx is no such answer: it says nothing of the worker. A runner that stops gracefully stays
+    healthy while it finishes its jobs (a liveness probe must not kill them), not after."""
 
     def __init__(self, metrics, settings, longest_poll_wait):
         self.metrics = metrics
@@ -4134,13 +4136,16 @@ class RunnerHealth:
 
     def check(self, status):
         """(HTTP status, one line)."""
-        if status.stopping:
+        if status.stopping and (status.stopping_now or not status.slots_busy):
             return 503, "stopping: %s" % status.stopping
         last = self.metrics.last_answer
         silent = time.monotonic() - (self.metrics.started if last is None else last)
         if silent > self.silence_limit:
             return 503, ("the worker has not answered as a Runpack worker for %s (more than %s); see the "
                          "runner's log" % (describe_seconds(silent), describe_seconds(self.silence_limit)))
+        if status.stopping:
+            return 200, "stopping: finishing %d job%s (%s)" % (
+                status.slots_busy, "s" * (status.slots_busy != 1), status.stopping)
         if last is None:
             return 200, "ok: starting, the worker has not answered yet"
         return 200, "ok: the worker answered %s ago" % describe_seconds(silent)
@@ -4258,7 +4263,7 @@ class Runner:
         stopping = ("a shutdown signal came" if self.shutdown.graceful else self._stop_reason or "")
         return RunnerStatus(self.settings.concurrency, len(self._running()), self.state.waiting_records()[0],
                             subscriber.state if subscriber else "", subscriber.notices if subscriber else 0,
-                            stopping)
+                            stopping, self.shutdown.immediate)
 
     def _run(self):
         self.shutdown.install()

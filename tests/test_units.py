@@ -559,6 +559,30 @@ def test_an_answer_that_is_not_json_is_described_in_words_never_as_bytes():
     assert "b'" not in str(caught.value) and len(str(caught.value)) < 200, "the first words, not the whole text"
 
 
+# ---- /healthz's verdict ----------------------------------------------------------------------
+
+
+def health_of(slots_busy, stopping, stopping_now=False):
+    """RunnerHealth's verdict for a runner whose worker has just answered."""
+    metrics = runpack_runner.RunnerMetrics()
+    metrics.worker_answered("available", 200, True)
+    settings = types.SimpleNamespace(heartbeat_interval=30, retry_max=60, request_timeout=30)
+    status = runpack_runner.RunnerStatus(2, slots_busy, 0, "", 0, stopping, stopping_now)
+    return runpack_runner.RunnerHealth(metrics, settings, 60).check(status)
+
+
+def test_healthz_stays_200_while_a_gracefully_stopping_runner_finishes_its_jobs():
+    assert health_of(1, "a shutdown signal came") == (200, "stopping: finishing 1 job (a shutdown signal came)")
+    assert health_of(2, "--max-uptime 60 s reached; taking no new job") == (
+        200, "stopping: finishing 2 jobs (--max-uptime 60 s reached; taking no new job)")
+
+
+def test_healthz_is_503_once_a_stopping_runner_has_no_job_left_or_stops_its_jobs_now():
+    assert health_of(0, "a shutdown signal came") == (503, "stopping: a shutdown signal came")
+    assert health_of(1, "a shutdown signal came", stopping_now=True) == (503, "stopping: a shutdown signal came")
+    assert health_of(1, "")[0] == 200 and health_of(1, "")[1].startswith("ok: ")
+
+
 # ---- Reports -------------------------------------------------------------------------------
 
 

@@ -4211,6 +4211,93 @@ class StatusServer:
 
 # ---- The runner loop: identity, poll, claim, signals -------------------------------
 
+class RunnerIdentity:
+    """Who the runner is at the worker. At the start, the identity saved in the state directory
+    is verified, or one registered when there is none or the worker has forgotten it; a worker
+    that forgets the runner later gets it registered again, under the same name."""
+
+    def __init__(self, client, state, retrying):
+        self.client, self.state, self.retrying = client, state, retrying
+        self.job_types = ()  # the capabilities it registers with
+        self.reached_worker = False  # registered or verified: a batch limit before that is a failure
+
+    @property
+    def name(self):
+        return (self.state.load_identity() or {}).get("runner_name")
+
+    def establish(self, job_types):
+        self.job_types = job_types
+        identity = self.state.load_identity()
+        if identity is None:
+            self._register(new_runner_name())
+        elif self.retrying.call(lambda: self.client.verify(identity["runner_id"]),
+                                "Cannot verify the runner yet"):
+            self.client.runner_id = identity["runner_id"]
+            LOG.info("Verified runner %s (id %s)", identity["runner_name"], identity["runner_id"])
+        else:
+            LOG.warning("The worker no longer knows runner %s (id %s); registering again under "
+                        "the same name", identity["runner_name"], identity["runner_id"])
+            self._register(identity["runner_name"])
+        self.reached_worker = True
+
+    def register_again_if_forgotten(self):
+        if not self.client.verify(self.client.runner_id):
+            LOG.warning("The worker no longer knows this runner; registering again")
+            self._register(self.name or new_runner_name())
+
+    def _register(self, name):
+        runner_id = self.retrying.call(lambda: self.client.register(name, self.job_types),
+                                       "Cannot register with the worker yet")
+        self.client.runner_id = runner_id
+        self.state.save_identity(runner_id, name)
+        LOG.info("Registered as %s (id %s)", name, runner_id)
+
+
+class LeftCustodyRecords:
+    """The custody records left by an earlier process or an unanswered claim, settled before
+    each poll: spooled reports are delivered first, then interrupted jobs are resumed (given
+    to ``start_slot``) or, after MAX_RUN_ATTEMPTS, failed."""
+
+    def __init__(self, client, state, courier, waker, start_slot):
+        self.client, self.state, self.courier, self.waker = client, state, courier, waker
+        self._start_slot = start_slot
+
+    def settle(self, running, job_types, may_go_on):
+        """``running``: the ids of the jobs in slots, taken before the records are read (a slot
+        forgets its record before it leaves); ``may_go_on()``: false once the runner can take
+        no more (a shutdown, no free slot)."""
+        records = [record for record in self.state.job_records() if record["job_id"] not in running]
+        for record in sorted(records, key=lambda record: record.get("report") is None):
+            if not may_go_on():
+                return
+            if record.get("report"):
+                LOG.info("Delivering the spooled report of job %s", record["job_id"])
+                self.courier.deliver(record, self.waker)
+            else:
+                self._resume(record, job_types)
+
+    def _resume(self, record, job_types):
+        """A record without report: the process ended during the job, or a claim went unanswered.
+        A heartbeat tells whether the job is still ours; if so it is run again, once."""
+        job_id, attempts = record["job_id"], record.get("attempts", 0)
+        if not self.client.heartbeat(job_id, None, None, "", runner_id=record["runner_id"]):
+            LOG.info("Job %s is not claimed by this runner; dropping its record", job_id)
+            self.state.forget_job(job_id)
+            return
+        reason = "this runner no longer serves job type %s" % record["job_type"]
+        if record["job_type"] in job_types:
+            if attempts < MAX_RUN_ATTEMPTS:
+                if attempts:
+                    LOG.warning("The runner stopped while running job %s; running it again", job_id)
+                self._start_slot(record)
+                return
+            reason = "the runner process ended while running this job, %d times" % attempts
+        LOG.error("Job %s cannot be run again: %s", job_id, reason)
+        record["report"] = self.client.seal_report(error_report("Job execution failed: %s" % reason, ""))
+        self.state.save_job(record)
+        self.courier.deliver(record, self.waker)
+
+
 class Runner:
     """Registers, polls with backoff and claims down the polled list, giving each claimed
     job to a JobSlot, up to --concurrency at once; applies the batch limits and signals.
@@ -4231,6 +4318,8 @@ class Runner:
                                      lambda: self._decide_stop(idle=True), self.metrics)
         self.retrying = Retrying(settings.retry_max, self._sleep_until_limit,
                                  lambda delay: self._decide_stop(idle=True))
+        self.identity = RunnerIdentity(client, state, self.retrying)
+        self.left_records = LeftCustodyRecords(client, state, self.courier, self.waker, self._start_slot)
         self.spreading = ClaimSpreading()
         self.notices = NewJobNotices(relay, self.waker)
         self.pacer = PollPacer()
@@ -4244,7 +4333,6 @@ class Runner:
         self._lock = threading.Lock()  # slot threads end themselves: _slots is read and changed under it
         self._fatal = None
         self._stop_code = self._stop_reason = None
-        self._reached_worker = False  # registered or verified: a batch limit before that is a failure
         self.status_server = None  # a StatusServer, with --listen
 
     def run(self):
@@ -4294,11 +4382,11 @@ class Runner:
         try:
             try:
                 self._sleep_until_limit(random.uniform(0, min(START_JITTER_MAX_S, self.settings.poll_interval / 10)))
-                self._establish_identity()
-                self._subscribe_to_relay()
+                self.identity.establish(self.job_types)
+                self.notices.subscribe(self.client.runner_id, self.identity.name, self.job_types)
                 self._serve()
             except GaveUp:
-                if self._stop_code is not None and not self._reached_worker:
+                if self._stop_code is not None and not self.identity.reached_worker:
                     LOG.error("Stopping without ever reaching the worker at %s", self.client.base_url)
                     return EXIT_FAILURE
             self._wait_for_slots()
@@ -4334,39 +4422,6 @@ class Runner:
         LOG.info("Serving job types: %s", ", ".join(serve) or "none")
         return serve
 
-    # -- identity
-
-    def _establish_identity(self):
-        identity = self.state.load_identity()
-        if identity is None:
-            self._register(new_runner_name())
-        elif self.retrying.call(lambda: self.client.verify(identity["runner_id"]),
-                                "Cannot verify the runner yet"):
-            self.client.runner_id = identity["runner_id"]
-            LOG.info("Verified runner %s (id %s)", identity["runner_name"], identity["runner_id"])
-        else:
-            LOG.warning("The worker no longer knows runner %s (id %s); registering again under "
-                        "the same name", identity["runner_name"], identity["runner_id"])
-            self._register(identity["runner_name"])
-        self._reached_worker = True
-
-    def _register(self, name):
-        runner_id = self.retrying.call(lambda: self.client.register(name, self.job_types),
-                                       "Cannot register with the worker yet")
-        self.client.runner_id = runner_id
-        self.state.save_identity(runner_id, name)
-        LOG.info("Registered as %s (id %s)", name, runner_id)
-
-    def _subscribe_to_relay(self):
-        identity = self.state.load_identity() or {}
-        self.notices.subscribe(self.client.runner_id, identity.get("runner_name"), self.job_types)
-
-    def _reregister_if_forgotten(self):
-        identity = self.state.load_identity() or {}
-        if not self.client.verify(self.client.runner_id):
-            LOG.warning("The worker no longer knows this runner; registering again")
-            self._register(identity.get("runner_name") or new_runner_name())
-
     # -- the loop
 
     def _serve(self):
@@ -4394,7 +4449,8 @@ class Runner:
         runner should poll again at once (a job was started, or the list went stale). Any
         failure ends the round, to be retried: the loop never dies of one."""
         try:
-            self._settle_job_records()
+            self.left_records.settle(self._running(), self.job_types,
+                                     lambda: not (self.shutdown.graceful or self._slots_full()))
             self._sleep_until_limit(self.pacer.wait_before_poll())
             if self._decide_stop():
                 return False
@@ -4434,7 +4490,7 @@ class Runner:
             try:
                 job = self.client.claim(record["job_id"])
             except RunnerMaybeForgotten:
-                self._reregister_if_forgotten()
+                self.identity.register_again_if_forgotten()
                 raise  # the record is settled before the next poll: was the claim ours?
             if job is None:
                 self.state.forget_job(record["job_id"])
@@ -4450,42 +4506,6 @@ class Runner:
             self.notices.claim_won()
             started = True
         return started
-
-    # -- custody records left by an earlier process or an unanswered claim
-
-    def _settle_job_records(self):
-        """Spooled reports are delivered first, then interrupted jobs are resumed."""
-        running = self._running()  # before reading: a slot forgets its record before it leaves
-        records = [record for record in self.state.job_records() if record["job_id"] not in running]
-        for record in sorted(records, key=lambda record: record.get("report") is None):
-            if self.shutdown.graceful or self._slots_full():
-                return
-            if record.get("report"):
-                LOG.info("Delivering the spooled report of job %s", record["job_id"])
-                self.courier.deliver(record, self.waker)
-            else:
-                self._resume(record)
-
-    def _resume(self, record):
-        """A record without report: the process ended during the job, or a claim went unanswered.
-        A heartbeat tells whether the job is still ours; if so it is run again, once."""
-        job_id, attempts = record["job_id"], record.get("attempts", 0)
-        if not self.client.heartbeat(job_id, None, None, "", runner_id=record["runner_id"]):
-            LOG.info("Job %s is not claimed by this runner; dropping its record", job_id)
-            self.state.forget_job(job_id)
-            return
-        reason = "this runner no longer serves job type %s" % record["job_type"]
-        if record["job_type"] in self.job_types:
-            if attempts < MAX_RUN_ATTEMPTS:
-                if attempts:
-                    LOG.warning("The runner stopped while running job %s; running it again", job_id)
-                self._start_slot(record)
-                return
-            reason = "the runner process ended while running this job, %d times" % attempts
-        LOG.error("Job %s cannot be run again: %s", job_id, reason)
-        record["report"] = self.client.seal_report(error_report("Job execution failed: %s" % reason, ""))
-        self.state.save_job(record)
-        self.courier.deliver(record, self.waker)
 
     # -- job slots
 

@@ -195,6 +195,39 @@ def test_a_forgotten_runner_registers_again_under_the_same_name(worker, start_ru
     assert second.stop() == 0
 
 
+def test_a_runner_the_worker_forgets_while_it_serves_registers_again_and_claims_the_job(worker, start_runner):
+    runner = start_runner()
+    worker.wait_until(lambda: worker.count("available") >= 1)
+    (old_id, old_row), = worker.runners.items()
+    worker.forget_runner(old_id)  # its claims are answered 500 from now on
+    job_id = worker.add_job("hello_world", {"name": "after", "processing_time": 0})
+    worker.wait_until(completed(worker, job_id), timeout=20)
+    (new_id, new_row), = worker.runners.items()
+    assert new_id != old_id and new_row["name"] == old_row["name"]
+    assert worker.count("claim", status=500) == 1
+    assert "The worker no longer knows this runner; registering again" in runner.output
+    assert runner.stop() == 0
+
+
+def test_a_job_whose_runner_ended_during_each_of_its_attempts_is_failed_not_run_again(
+        worker, start_runner, tmp_path):
+    runner_id = worker.register_runner("earlier")
+    job_id = worker.add_job("hello_world", {"name": "twice interrupted", "processing_time": 0})
+    worker.claim_for(job_id, runner_id)
+    jobs = tmp_path / "state" / ".runpack_jobs"
+    jobs.mkdir(parents=True)
+    (jobs / ("%s.json" % job_id)).write_text(json.dumps({
+        "job_id": job_id, "job_type": "hello_world", "input_params": {"name": "twice interrupted",
+                                                                       "processing_time": 0},
+        "runner_id": runner_id, "recorded_at": 0, "attempts": 2}))
+    runner = start_runner()
+    worker.wait_until(finished(worker, job_id), timeout=20)
+    assert worker.job(job_id)["error_message"] == (
+        "Job execution failed: the runner process ended while running this job, 2 times")
+    assert not (jobs / ("%s.json" % job_id)).exists()
+    assert runner.stop() == 0
+
+
 def test_an_unreadable_identity_file_means_registering_again(worker, start_runner, tmp_path):
     state = tmp_path / "state"
     state.mkdir()

@@ -4,6 +4,7 @@ worker over real sockets. No subprocess, no sleep: what the end-to-end tests pro
 pin down one behaviour at a time."""
 
 import argparse
+import ast
 import copy
 import json
 import logging
@@ -1300,3 +1301,14 @@ def test_a_notice_wait_grows_with_claims_lost_after_notices_and_shrinks_with_cla
     for _ in range(10):
         spread.won_claim()
     assert spread.longest == runpack_runner.NoticeSpread.SHORTEST_S
+
+
+# ---- Code layout -----------------------------------------------------------------------------
+
+
+def test_the_runner_class_stays_under_300_lines():
+    """Issue 17: what grows in the loop goes into a small class of its own."""
+    with open(runpack_runner.__file__, encoding="utf-8") as stream:
+        tree = ast.parse(stream.read())
+    runner, = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "Runner"]
+    assert runner.end_lineno - runner.lineno + 1 < 300

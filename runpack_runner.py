@@ -5248,8 +5248,7 @@ def given_sbatch_options(flag_values, environ):
 def sbatch_options(settings, header_lines):
     """What sbatch gets: the output files, the warning signal before the time limit, a CPU per
     slot, then the operator's options: the #SBATCH header lines before its first command, then
-    ``settings.sbatch_options``
-    (given_sbatch_options); sbatch takes the later of two."""
+    ``settings.sbatch_options`` (given_sbatch_options); sbatch takes the later of two."""
     logs = os.path.join(os.path.abspath(settings.state_dir), "logs").replace("%", "%%")  # % is Slurm's
     options = ["--output=%s" % os.path.join(logs, "runner-%j.out"),
                "--signal=B:USR1@%d" % -(-settings.stop_margin // 1), "--cpus-per-task=%d" % settings.concurrency]

@@ -3305,9 +3305,14 @@ def serve_job_process(channel, output, go, temporary_dir):
                                                    progress, limits))
 
 
+JOB_PROCESS_ENDING = threading.Lock()  # held by the one thread that ends the job process, never released
+
+
 def _report_and_exit(parent, progress, report):
     """The job process's end, from any of its threads: the report (None: the job was given up)
-    after the job's last progress and output, then exit."""
+    after the job's last progress and output, then exit. Two threads at once (two workers of a
+    pool denied together) would mix their reports on the pipe: the second waits for the exit."""
+    JOB_PROCESS_ENDING.acquire()
     progress.finish()
     sys.stdout.flush()
     sys.stderr.flush()

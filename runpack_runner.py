@@ -5172,6 +5172,13 @@ class SlurmScaler:
         if self.shutdown.graceful:
             return
         self.notices.polled()
+        # The pool and Slurm first, the waiting jobs last. A runner writes its custody record
+        # before it claims, so a claim under way is a busy slot; read after squeue, the worker's
+        # list has most likely dropped its job. The other way round, a claim made while squeue
+        # ran counted twice, as a busy slot and as a waiting job: a runner too many.
+        pool = self.pool.survey()
+        runners = self.slurm.runners()
+        self._judge_ended(runners)
         self.pacer.polled()
         try:
             waiting = len(self.client.available(job_types))
@@ -5179,11 +5186,8 @@ class SlurmScaler:
             raise
         except WorkerRejected as error:  # as for a runner's poll: worth a later try, not a stop
             raise TransientWorkerError(str(error), error.status)
-        runners = self.slurm.runners()
-        self._judge_ended(runners)
         active = {job_id: state for job_id, state in runners.items() if state in SLURM_ACTIVE_STATES}
-        decision = scaling_decision(waiting, self.pool.survey(), active, self.settings.concurrency,
-                                    self.settings.max_runners)
+        decision = scaling_decision(waiting, pool, active, self.settings.concurrency, self.settings.max_runners)
         held = max(0.0, self._hold_until - time.monotonic()) if decision.submit else 0.0
         said = str(decision) + (" (held %s after a runner failed)" % describe_seconds(held) if held else "")
         quiet = not (decision.waiting or decision.orphans)

@@ -162,6 +162,13 @@ def scaler_jobs(cluster, job_name):
     return [job for job in cluster.active_jobs() if job.name == job_name]
 
 
+def slurm_job_of(pid):
+    """The id of the Slurm job that process ``pid`` runs in (its SLURM_JOB_ID)."""
+    with open("/proc/%d/environ" % pid, "rb") as stream:
+        variables = dict(item.split(b"=", 1) for item in stream.read().split(b"\0") if b"=" in item)
+    return variables[b"SLURM_JOB_ID"].decode()
+
+
 def pool_directories(state_dir):
     """{runner id: pool directory} of the runners that took a directory of DIR/runners."""
     pool = runpack_runner.StatePool(os.path.join(state_dir, "runners"))
@@ -647,12 +654,13 @@ def test_a_runner_killed_mid_job_gets_a_new_runner_on_its_state_directory_that_r
         job_name = scaler_job_name(scaler_dir(tmp_path))
         worker.wait_until(lambda: is_in_progress(worker, job_id) and os.path.exists(marker), timeout=60,
                           message="the job never started in a runner")
-    [killed] = scaler_jobs(cluster, job_name)
     first_runner = worker.job(job_id)["claimed_by"]
     assert pool_directories(scaler_dir(tmp_path))[first_runner] == orphan_dir
     runner_pid = int(read(os.path.join(orphan_dir, ".runpack_runner.lock")))
+    killed = slurm_job_of(runner_pid)
+    assert killed in [job.id for job in scaler_jobs(cluster, job_name)]
 
-    cluster.run("scancel", "--full", "--signal=KILL", killed.id)
+    cluster.run("scancel", "--full", "--signal=KILL", killed)
 
     assert wait_until_gone([runner_pid], 15) == [], "the runner outlived scancel --signal=KILL"
     worker.wait_until(lambda: worker.job(job_id)["status"] == "completed", timeout=DRAIN_TIMEOUT_S,

@@ -5254,6 +5254,49 @@ def given_sbatch_options(flag_values, environ):
     return options
 
 
+def slurm_time_limit_seconds(text):
+    """The seconds of a Slurm time limit as sbatch --time reads it ("30" minutes, "30:00",
+    "2:00:00", "1-12", "1-12:30", "1-12:30:00"); None for none ("0", UNLIMITED, INFINITE) or
+    a spelling not read here, which sbatch judges itself."""
+    days, _, clock = text.strip().rpartition("-")
+    parts = clock.split(":")
+    if not all(part.isdigit() for part in parts) or days and not days.isdigit() or len(parts) > 3:
+        return None
+    numbers = [int(part) for part in parts]
+    if days:  # days-hours[:minutes[:seconds]]
+        hours, minutes, seconds = (numbers + [0, 0])[:3]
+        total = ((int(days) * 24 + hours) * 60 + minutes) * 60 + seconds
+    elif len(numbers) == 3:  # hours:minutes:seconds
+        total = (numbers[0] * 60 + numbers[1]) * 60 + numbers[2]
+    else:  # minutes, or minutes:seconds
+        total = numbers[0] * 60 + (numbers[1] if len(numbers) == 2 else 0)
+    return total or None
+
+
+def runners_time_limit(options):
+    """The seconds of the last --time / -t among sbatch ``options`` (sbatch takes the last), or None."""
+    limit = None
+    for index, word in enumerate(options):
+        following = options[index + 1] if index + 1 < len(options) else ""
+        if word.startswith("--time="):
+            limit = slurm_time_limit_seconds(word[len("--time="):])
+        elif word in ("--time", "-t"):
+            limit = slurm_time_limit_seconds(following)
+        elif word.startswith("-t") and not word.startswith("--"):
+            limit = slurm_time_limit_seconds(word[2:])
+    return limit
+
+
+def check_time_limit(options, stop_margin):
+    """ConfigurationError for a time limit that the stop margin takes whole: a runner would be
+    warned as it starts, take no job, end well, and be submitted again, round after round."""
+    limit = runners_time_limit(options)
+    if limit is not None and limit <= stop_margin:
+        raise ConfigurationError("the runners' time limit (%s) is not longer than --stop-margin (%s): they would "
+                                 "stop before taking a job; give a longer --time or a shorter --stop-margin" % (
+                                     describe_seconds(limit), describe_seconds(stop_margin)))
+
+
 def sbatch_options(settings, header_lines):
     """What sbatch gets: the output files, the warning signal before the time limit, a CPU per
     slot, then the operator's options: the #SBATCH header lines before its first command, then
@@ -5325,6 +5368,7 @@ def command_slurm(args, environ):
             raise ConfigurationError("cannot read --sbatch-header %s: %s" % (settings.sbatch_header,
                                                                              getattr(error, "strerror", None) or error))
     options = sbatch_options(settings, header_lines)
+    check_time_limit(options, settings.stop_margin)
     check_sbatch_environment(environ)
     if shutil.which("sbatch", path=environ.get("PATH")) is None:
         raise ConfigurationError("sbatch is not on PATH: run the scaler where Slurm's commands are")

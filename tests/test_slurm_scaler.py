@@ -513,6 +513,24 @@ def test_a_state_directory_whose_lock_file_cannot_be_opened_is_a_configuration_e
         state.lock()
 
 
+@pytest.mark.parametrize("text, seconds", [("30", 1800), ("30:15", 1815), ("2:00:00", 7200), ("1-12", 129600),
+                                           ("1-12:30", 131400), ("1-12:30:05", 131405), ("0", None),
+                                           ("UNLIMITED", None), ("INFINITE", None), ("soon", None)])
+def test_slurm_time_limits_are_read_in_every_spelling_sbatch_takes(text, seconds):
+    assert runpack_runner.slurm_time_limit_seconds(text) == seconds
+
+
+@pytest.mark.parametrize("options, seconds", [(["--time=10"], 600), (["--time", "1:00:00"], 3600), (["-t", "5"], 300),
+                                              (["-t7"], 420), (["--time=10", "-t", "20"], 1200),
+                                              (["--partition=cpu"], None)])
+def test_the_runners_time_limit_is_the_last_time_option_as_for_sbatch(options, seconds):
+    assert runpack_runner.runners_time_limit(["--output=x"] + options) == seconds
+
+
+def test_a_time_limit_longer_than_the_stop_margin_is_taken():
+    runpack_runner.check_time_limit(["--time=6"], 300)  # 360 s: a minute to take a job
+
+
 @pytest.mark.parametrize("setting, message", [
     (("--sbatch-option=--array=1-8",), "Error: the scaler cannot take the sbatch option --array=1-8: "),
     (("--stop-margin", "70000"), "Error: --stop-margin can be at most 65535 s, as sbatch --signal takes"),
@@ -521,8 +539,9 @@ def test_a_state_directory_whose_lock_file_cannot_be_opened_is_a_configuration_e
     ({"SBATCH_ARRAY_INX": "1-4"}, "Error: the scaler cannot take SBATCH_ARRAY_INX=1-4 from the environment: "),
     ({"SBATCH_CLUSTERS": "other"}, "Error: the scaler cannot take SBATCH_CLUSTERS=other from the environment: "),
     (("--sbatch-header", "HEADER"), "Error: cannot read --sbatch-header "),
+    (("--sbatch-option", "-t 5"), "Error: the runners' time limit (300 s) is not longer than --stop-margin (300 s): "),
 ], ids=["refused option", "stop margin", "options variable", "option of two words", "array variable",
-       "clusters variable", "header not utf-8"])
+       "clusters variable", "header not utf-8", "time limit within the margin"])
 def test_bad_sbatch_settings_exit_2_with_one_line_before_anything_starts(tmp_path, setting, message):
     header = tmp_path / "header.sh"
     header.write_bytes(b"#SBATCH --comment caf\xe9\n")

@@ -2418,11 +2418,10 @@ DEFAULT_MEMORY_FLOOR = 3 << 29  # 1.5 GiB: the built-in types' measured peaks (a
 THREAD_POOL_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
-def default_job_memory_limit(concurrency):
-    """MEMORY_SHARE of the memory this runner may use (the machine's, or less where a
-    cgroup, such as a Slurm allocation or a container, limits it), shared among the slots,
-    and at least DEFAULT_MEMORY_FLOOR; 0 (none) where the memory cannot be read."""
-    available = available_memory()
+def default_job_memory_limit(available, concurrency):
+    """MEMORY_SHARE of ``available``, the memory this runner may use (see available_memory),
+    shared among the slots, and at least DEFAULT_MEMORY_FLOOR; 0 (none) where the memory
+    cannot be read (None)."""
     if not available:
         return 0
     return max(int(available * MEMORY_SHARE) // concurrency, DEFAULT_MEMORY_FLOOR)
@@ -2496,7 +2495,8 @@ class JobLimits:
         slots = getattr(settings, "concurrency", 1)
         if settings.job_memory_limit is not None:
             return cls(settings.allow_job_network, settings.job_memory_limit, slots=slots)
-        memory_limit, available = default_job_memory_limit(slots), available_memory()
+        available = available_memory()
+        memory_limit = default_job_memory_limit(available, slots)
         source = ("the default: %d%% of %s over %d slot%s" % (MEMORY_SHARE * 100, describe_size(available), slots,
                                                               "s" * (slots != 1)) if available else "")
         if available and memory_limit == DEFAULT_MEMORY_FLOOR:
